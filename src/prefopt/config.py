@@ -1,0 +1,291 @@
+"""One typed config: YAML file + dotted CLI overrides, validated with precise messages.
+
+    model:     what to train (hub id, local folder, .gguf file, or `default`)
+    lora:      LoRA adapter settings (enabled: false means a full fine-tune)
+    data:      where the preference data is and how it is cut to length
+    loss:      which loss of the family, and its hyperparameters
+    reference: how reference log-probs are obtained
+    train:     optimisation, precision, logging, output folder
+
+Every key has a default, so a config names only what it changes. `resolved()` is the fully
+resolved config that is saved beside the trained model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import PrefoptError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "default"  # hub id | local folder | path/to/file.gguf | default (embedded SmolLM2-135M)
+    revision: Optional[str] = None
+    dtype: str = "float32"  # weights dtype: float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: Union[str, list] = "all-linear"
+    merge: bool = False  # also save a merged full model in OUT/merged
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None  # file (.jsonl/.json/.parquet), save_to_disk folder, or hub id
+    eval: Optional[str] = None
+    split: str = "train"  # split of a hub dataset or a DatasetDict folder
+    eval_fraction: float = 0.0  # hold out this fraction of `train` for evaluation
+    limit: Optional[int] = None  # use only the first N records
+    max_length: int = 512  # prompt + longest response, in tokens
+    max_prompt_length: int = 256
+    truncation: str = "keep_end"  # prompt keeps its end, responses their start | "drop" the pair
+    chat_template: str = "auto"  # auto: template for conversational data, raw text for strings
+
+
+@dataclass
+class LossConfig:
+    name: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class ReferenceConfig:
+    precompute: bool = True  # compute reference log-probs once before training, cached on disk
+    cache_dir: Optional[str] = None  # default: the prefopt cache folder
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/prefopt"
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 4  # pairs per device per step
+    grad_accum: int = 1
+    lr: float = 5e-6
+    scheduler: str = "linear"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    bf16: Union[bool, str] = "auto"  # bf16 autocast: auto = where the hardware has it
+    gradient_checkpointing: bool = False
+    prefix_sharing: bool = True  # prompt computed once per pair: [prompt | chosen | rejected]
+    lm_head_chunk: int = 1024  # tokens per lm-head chunk; 0 = unchunked
+    logging_steps: int = 1
+    save_steps: int = 0  # 0: no intermediate checkpoints
+    eval_steps: int = 0
+    report_to: Union[str, list] = "none"
+    num_workers: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def resolved(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _type_ok(value: Any, annotation: Any) -> Any:
+    """Coerce `value` to the annotated type, or raise ValueError saying what was expected."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, globals())  # annotations are strings (from __future__)
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(annotation):
+            return None
+        errors = []
+        for arg in typing.get_args(annotation):
+            if arg is type(None):
+                continue
+            try:
+                return _type_ok(value, arg)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(" or ".join(errors))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"true or false, found {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"an integer, found {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 5e-6 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"a number, found {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"a string, found {value!r}")
+    if annotation is list:
+        if isinstance(value, list):
+            return value
+        raise ValueError(f"a list, found {value!r}")
+    return value
+
+
+def _section_types(section_cls) -> dict:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def from_dict(raw: dict, source: str = "config") -> Config:
+    """Build a Config from nested dicts; unknown sections/keys and wrong types are errors."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PrefoptError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), found {type(raw).__name__}")
+    cfg = Config()
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise PrefoptError(
+                f"{source}: unknown section '{section}'. Known sections: {', '.join(SECTIONS)}."
+            )
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise PrefoptError(f"{source}: section '{section}' must be a mapping of keys, found {values!r}")
+        obj = getattr(cfg, section)
+        types_ = _section_types(type(obj))
+        for key, value in values.items():
+            if key not in types_:
+                raise PrefoptError(
+                    f"{source}: unknown key '{section}.{key}'. Known keys of '{section}': "
+                    f"{', '.join(types_)}."
+                )
+            try:
+                setattr(obj, key, _type_ok(value, types_[key]))
+            except ValueError as e:
+                raise PrefoptError(f"{source}: '{section}.{key}' must be {e}.") from None
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    from . import losses
+
+    def bad(key, msg):
+        raise PrefoptError(f"{source}: '{key}' {msg}")
+
+    cfg.loss.name = losses.ALIASES.get(cfg.loss.name, cfg.loss.name)
+    if cfg.loss.name not in losses.REGISTRY:
+        bad("loss.name", f"is '{cfg.loss.name}'; known losses: {', '.join(sorted(losses.REGISTRY))}.")
+    if cfg.loss.beta <= 0:
+        bad("loss.beta", f"must be > 0, found {cfg.loss.beta}.")
+    if not 0 <= cfg.loss.label_smoothing < 0.5:
+        bad("loss.label_smoothing", f"must be in [0, 0.5), found {cfg.loss.label_smoothing}.")
+    if cfg.data.truncation not in ("keep_end", "drop"):
+        bad("data.truncation", f"must be 'keep_end' or 'drop', found '{cfg.data.truncation}'.")
+    if cfg.data.chat_template not in ("auto", "always", "never"):
+        bad("data.chat_template", f"must be auto, always or never, found '{cfg.data.chat_template}'.")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        bad("data.max_prompt_length", f"({cfg.data.max_prompt_length}) must be below data.max_length ({cfg.data.max_length}).")
+    if not 0 <= cfg.data.eval_fraction < 1:
+        bad("data.eval_fraction", f"must be in [0, 1), found {cfg.data.eval_fraction}.")
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        bad("model.dtype", f"must be float32, bfloat16 or float16, found '{cfg.model.dtype}'.")
+    if cfg.train.bf16 not in (True, False, "auto"):
+        bad("train.bf16", f"must be true, false or auto, found {cfg.train.bf16!r}.")
+    for key in ("batch_size", "grad_accum"):
+        if getattr(cfg.train, key) < 1:
+            bad(f"train.{key}", f"must be >= 1, found {getattr(cfg.train, key)}.")
+    if cfg.train.lr <= 0:
+        bad("train.lr", f"must be > 0, found {cfg.train.lr}.")
+    if cfg.lora.r < 1:
+        bad("lora.r", f"must be >= 1, found {cfg.lora.r}.")
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`--section.key value` (or `--section.key=value`) pairs -> nested dict. Values are YAML."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise PrefoptError(
+                f"command line: expected an override like --train.lr 1e-5, found '{arg}'."
+            )
+        key = arg[2:]
+        if "=" in key:
+            key, text = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise PrefoptError(f"command line: '{arg}' needs a value.")
+            text = args[i + 1]
+            i += 2
+        section, _, name = key.partition(".")
+        if not name or "." in name:
+            raise PrefoptError(f"command line: '--{key}' must have the form --section.key.")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (base or {}).items()}
+    for section, values in over.items():
+        if isinstance(out.get(section), dict) and isinstance(values, dict):
+            out[section].update(values)
+        else:
+            out[section] = values
+    return out
+
+
+def load(path: Optional[str], overrides: Optional[list[str]] = None) -> Config:
+    raw: dict = {}
+    source = "command line"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise PrefoptError(f"{path}: config file not found.")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise PrefoptError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+        source = str(path)
+    cfg_raw = merge(raw, parse_overrides(overrides or []))
+    return from_dict(cfg_raw, source)
+
+
+def save(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))

@@ -1,0 +1,117 @@
+"""Reference log-probs computed once before training and cached on disk.
+
+Before the first step the policy *is* the reference (a fresh LoRA adapter is zero; a full
+fine-tune starts from the reference weights), so one pass of the policy, adapter disabled, gives
+every reference log-prob and training holds one model and runs one forward per batch. The cache
+key covers the reference weights, every token id, the layout and the precision, so a changed
+model, data set or tokenizer never reuses a stale file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .logprobs import sequence_logps
+
+log = logging.getLogger("prefopt")
+
+
+def weights_fingerprint(model) -> str:
+    """Hash of the reference weights: every parameter and buffer except LoRA adapter tensors."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        name = name.replace("base_model.model.", "").replace(".base_layer", "")
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+                 if t.numel() else b"")
+    return h.hexdigest()
+
+
+def data_fingerprint(examples: list[dict], extra: str = "") -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(extra.encode())
+    for ex in examples:
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids"):
+            if key in ex:
+                h.update(key.encode())
+                h.update(torch.tensor(ex[key], dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _disabled_adapter(model):
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def compute(model, examples: list[dict], collator, *, batch_size: int = 8, chunk: int = 1024,
+            autocast_dtype: Optional[torch.dtype] = None, progress: bool = True,
+            desc: str = "reference log-probs") -> torch.Tensor:
+    """[len(examples), K] summed log-probs of every response under `model` with any adapter off."""
+    from tqdm.auto import tqdm
+
+    from ..data.collate import row_length
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: row_length(examples[i], collator.prefix_sharing))
+    K = 2 if "chosen_ids" in examples[0] else 1
+    out = torch.zeros(len(examples), K, dtype=torch.float64)
+    bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress)
+    try:
+        with _disabled_adapter(model):
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                batch = {k: v.to(device) for k, v in collator([examples[i] for i in idx]).items()}
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    logps = sequence_logps(model, batch, chunk)["logps"]
+                out[idx] = logps.double().cpu().view(len(idx), K)
+                bar.update(len(idx))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return out
+
+
+def precompute(model, examples: list[dict], collator, *, cache_dir: Optional[Path], batch_size: int,
+               chunk: int, autocast_dtype: Optional[torch.dtype], progress: bool = True) -> None:
+    """Attach `ref_logps` (a list of K floats) to every example, from the disk cache when valid."""
+    if not examples:
+        return
+    path = None
+    if cache_dir is not None:
+        key = data_fingerprint(
+            examples, f"{weights_fingerprint(model)}|{collator.prefix_sharing}|{autocast_dtype}|{chunk}"
+        )
+        path = Path(cache_dir) / f"{key}.safetensors"
+    values = None
+    if path is not None and path.is_file():
+        from safetensors.torch import load_file
+
+        values = load_file(str(path))["ref_logps"]
+        if values.shape[0] != len(examples):
+            values = None
+        else:
+            log.info("reference log-probs: reusing %s", path)
+    if values is None:
+        values = compute(model, examples, collator, batch_size=batch_size, chunk=chunk,
+                         autocast_dtype=autocast_dtype, progress=progress)
+        if path is not None:
+            from safetensors.torch import save_file
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"ref_logps": values}, str(tmp))
+            tmp.replace(path)
+    for ex, v in zip(examples, values.tolist()):
+        ex["ref_logps"] = v

@@ -1,0 +1,171 @@
+"""The training recipe: config -> data -> tokens -> model (+ reference) -> Trainer -> saved folder."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import config as config_mod
+from . import losses
+from .config import Config
+from .data.collate import Collator
+from .data.formats import load_pairs
+from .data.tokenize import tokenize_pairs
+from .errors import PrefoptError
+from .modeling import load, reference
+
+log = logging.getLogger("prefopt")
+
+
+def bf16_supported() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    # On CPUs without native bf16 (no AVX512-BF16/AMX) autocast is ~15x slower than fp32.
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def use_bf16(setting) -> bool:
+    return bf16_supported() if setting == "auto" else bool(setting)
+
+
+def seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    random.seed(seed)
+    set_seed(seed)
+
+
+def load_examples(cfg: Config, tokenizer, spec: losses.LossSpec, progress: bool = True):
+    d = cfg.data
+    if d.train is None:
+        raise PrefoptError("config: 'data.train' is not set; give a file, a save_to_disk folder or a hub id.")
+    pairs, shape = load_pairs(d.train, d.split, d.limit)
+    log.info("%s: %d records, shape %s", d.train, len(pairs), shape)
+    if spec.paired is False:
+        raise PrefoptError(f"loss '{spec.name}' needs unpaired data (prompt, completion, label); "
+                           f"{d.train} holds {shape} pairs.")
+    kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+              truncation=d.truncation, chat_template=d.chat_template)
+    train, stats = tokenize_pairs(pairs, tokenizer, progress=progress, **kw)
+    eval_examples: list[dict] = []
+    if d.eval:
+        eval_pairs, _ = load_pairs(d.eval, d.split)
+        eval_examples, _ = tokenize_pairs(eval_pairs, tokenizer, **kw)
+    elif d.eval_fraction > 0:
+        order = list(range(len(train)))
+        random.Random(cfg.train.seed).shuffle(order)
+        n_eval = max(1, int(round(len(train) * d.eval_fraction)))
+        eval_idx = set(order[:n_eval])
+        eval_examples = [train[i] for i in sorted(eval_idx)]
+        train = [ex for i, ex in enumerate(train) if i not in eval_idx]
+    if not train:
+        raise PrefoptError(f"{d.train}: no pair is left to train on ({stats.report()}).")
+    return train, eval_examples, stats
+
+
+def build_model(cfg: Config, path: str):
+    model = load.load_model(path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+                            revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.lora.enabled:
+        model = load.add_lora(model, cfg.lora)
+    return model
+
+
+def training_arguments(cfg: Config, bf16: bool):
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=t.gradient_checkpointing,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=t.save_steps if t.save_steps > 0 else 500,
+        eval_strategy="steps" if t.eval_steps > 0 else "no",
+        eval_steps=t.eval_steps if t.eval_steps > 0 else None,
+        report_to=t.report_to,
+        dataloader_num_workers=t.num_workers,
+        remove_unused_columns=False,
+        disable_tqdm=not t.progress,
+    )
+
+
+def train(cfg: Config, progress: Optional[bool] = None) -> dict:
+    """Run one training job described by `cfg`; returns a summary (paths, first/last loss)."""
+    from .trainer import JsonlMetrics, PreferenceTrainer
+
+    progress = cfg.train.progress if progress is None else progress
+    t0 = time.time()
+    seed_everything(cfg.train.seed)
+    spec = losses.get(cfg.loss.name)
+    out = Path(cfg.train.output_dir)
+    path = load.resolve(cfg.model.name)
+    tokenizer = load.load_tokenizer(path, cfg.model.revision, cfg.model.trust_remote_code)
+    train_examples, eval_examples, _ = load_examples(cfg, tokenizer, spec, progress)
+
+    bf16 = use_bf16(cfg.train.bf16)
+    model = build_model(cfg, path)
+    collator = Collator(tokenizer.pad_token_id, prefix_sharing=cfg.train.prefix_sharing)
+
+    ref_model = None
+    if spec.needs_reference:
+        if cfg.reference.precompute:
+            cache = Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else load.cache_dir() / "reference"
+            for name, exs in (("train", train_examples), ("eval", eval_examples)):
+                reference.precompute(model, exs, collator, cache_dir=cache, batch_size=2 * cfg.train.batch_size,
+                                     chunk=cfg.train.lm_head_chunk,
+                                     autocast_dtype=torch.bfloat16 if bf16 else None, progress=progress)
+        elif not cfg.lora.enabled:
+            ref_model = load.load_model(path, dtype=cfg.model.dtype,
+                                        attn_implementation=cfg.model.attn_implementation,
+                                        revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+            ref_model.requires_grad_(False).eval()
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.exists():
+        metrics_path.unlink()
+    loss_kwargs = {k: getattr(cfg.loss, k) for k in spec.hyperparameters}
+    trainer = PreferenceTrainer(
+        model=model, args=training_arguments(cfg, bf16), train_dataset=train_examples,
+        eval_dataset=eval_examples or None, data_collator=collator, processing_class=tokenizer,
+        loss=spec, loss_kwargs=loss_kwargs, ref_model=ref_model, lm_head_chunk=cfg.train.lm_head_chunk,
+        callbacks=[JsonlMetrics(metrics_path)],
+    )
+    result = trainer.train()
+    if eval_examples:
+        trainer.evaluate()
+    trainer.save_model(str(out))
+    if cfg.lora.enabled and cfg.lora.merge and trainer.is_world_process_zero():
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(out / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(out / "merged")
+    if trainer.is_world_process_zero():
+        config_mod.save(cfg, out / "prefopt.yaml")
+    losses_seen = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    summary = {
+        "output_dir": str(out), "steps": trainer.state.global_step, "train_pairs": len(train_examples),
+        "eval_pairs": len(eval_examples), "first_loss": losses_seen[0] if losses_seen else None,
+        "last_loss": losses_seen[-1] if losses_seen else None, "train_runtime": result.metrics.get("train_runtime"),
+        "wall_s": round(time.time() - t0, 1), "bf16": bf16,
+    }
+    log.info("done: %s", summary)
+    return summary
