@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train from a YAML config; --section.key value overrides it")
     t.add_argument("config", nargs="?", help="YAML config file (optional when every key is given as a flag)")
+    t.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
     d = sub.add_parser("demo", help="offline controlled-sentiment DPO demo on the embedded model")
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     d.add_argument("--seed", type=int, default=0)
@@ -35,9 +36,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    args, rest = parser.parse_known_args(argv)
-    debug = args.debug or "--debug" in rest
-    rest = [a for a in rest if a != "--debug"]
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if argv[:1] == ["train"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] not in ("--help", "-h"):
+        argv.insert(1, "")  # no config file: every key comes from flags
+    args = parser.parse_args(argv)
+    rest = getattr(args, "overrides", [])
     logging.basicConfig(level=logging.INFO, format="prefopt: %(message)s", stream=sys.stderr)
     from .errors import PrefoptError
 
@@ -46,15 +50,10 @@ def main(argv=None) -> int:
             from . import config
             from .train import train
 
-            if args.config and args.config.startswith("--"):
-                rest.insert(0, args.config)
-                args.config = None
-            cfg = config.load(args.config, rest)
+            cfg = config.load(args.config or None, rest)
             summary = train(cfg)
             print(f"trained {summary['steps']} steps; model saved in {summary['output_dir']}")
             return 0
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "demo":
             from .demo import run_demo
 

@@ -59,9 +59,23 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
+    """The loss and its hyperparameters. A key left unset (null) takes the chosen loss's default;
+    the saved config records the values actually used. docs/losses.md lists them per loss."""
+
     name: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
+    beta: Optional[float] = None
+    label_smoothing: Optional[float] = None  # cDPO / rDPO ε
+    gamma: Optional[float] = None  # SimPO margin γ
+    alpha: Optional[float] = None  # CPO NLL weight
+    orpo_lambda: Optional[float] = None
+    desirable_weight: Optional[float] = None  # KTO λ_D
+    undesirable_weight: Optional[float] = None  # KTO λ_U
+    ipo_normalize: Optional[bool] = None
+    f_divergence: Optional[str] = None  # reverse_kl | forward_kl | js | alpha
+    f_alpha: Optional[float] = None
+    ld_alpha: Optional[float] = None
+    rpo_alpha: Optional[float] = None
+    discopop_tau: Optional[float] = None
 
 
 @dataclass
@@ -204,9 +218,17 @@ def validate(cfg: Config, source: str = "config") -> None:
     cfg.loss.name = losses.ALIASES.get(cfg.loss.name, cfg.loss.name)
     if cfg.loss.name not in losses.REGISTRY:
         bad("loss.name", f"is '{cfg.loss.name}'; known losses: {', '.join(sorted(losses.REGISTRY))}.")
-    if cfg.loss.beta <= 0:
+    spec = losses.get(cfg.loss.name)
+    for key in dataclasses.asdict(cfg.loss):
+        if key != "name" and getattr(cfg.loss, key) is not None and key not in spec.hyperparameters:
+            bad(f"loss.{key}", f"is not a hyperparameter of loss '{spec.name}'; it takes: "
+                f"{', '.join(spec.hyperparameters) or 'none'}.")
+    for key, default in spec.hyperparameters.items():  # record the values actually used
+        if getattr(cfg.loss, key) is None:
+            setattr(cfg.loss, key, default)
+    if cfg.loss.beta is not None and cfg.loss.beta <= 0:
         bad("loss.beta", f"must be > 0, found {cfg.loss.beta}.")
-    if not 0 <= cfg.loss.label_smoothing < 0.5:
+    if cfg.loss.label_smoothing is not None and not 0 <= cfg.loss.label_smoothing < 0.5:
         bad("loss.label_smoothing", f"must be in [0, 0.5), found {cfg.loss.label_smoothing}.")
     if cfg.data.truncation not in ("keep_end", "drop"):
         bad("data.truncation", f"must be 'keep_end' or 'drop', found '{cfg.data.truncation}'.")

@@ -3,23 +3,38 @@
 Notation (all tensors have one entry per pair, shape [B]):
     logp_c, logp_r          summed log π_θ(y|x) of the chosen / rejected response
     ref_logp_c, ref_logp_r  the same under the frozen reference π_ref
+    len_c, len_r            token counts of the chosen / rejected response (float tensors)
     Δ_c = logp_c − ref_logp_c,  Δ_r = logp_r − ref_logp_r,  h = Δ_c − Δ_r
+    σ = logistic sigmoid,  NLL = −logp_c / len_c  (per-token negative log-likelihood of chosen)
 
-Each function returns the per-pair loss (shape [B]); the trainer takes the mean. Use them in your
-own loop:
+Paired losses share one signature:
+
+    fn(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None, **hyper) -> Tensor[B]
+
+reference-free ones ignore the ref arguments. Unpaired losses (good/bad labels, no pairs) use
+
+    fn(logp, ref_logp, label, *, kl_logp=None, kl_ref_logp=None, len=None, **hyper, state=None) -> Tensor[B]
+
+with `label` a bool tensor (True = desirable). Each function returns the per-example loss; the
+caller takes the mean. Use them in your own loop:
 
     from prefopt import losses
-    spec = losses.get("sigmoid")
-    loss = spec.fn(logp_c, logp_r, ref_logp_c, ref_logp_r, beta=0.1).mean()
+    spec = losses.get("ipo")
+    loss = spec.fn(logp_c, logp_r, ref_logp_c, ref_logp_r, len_c=len_c, len_r=len_r,
+                   **spec.hyperparameters).mean()
 
-The registry records what each loss needs, so the trainer loads a reference only when needed
-and refuses data of the wrong shape.
+The registry (`REGISTRY`, `get`, `names`) records what each loss needs — a reference model,
+pairs, token counts, an NLL term — so the trainer loads a reference only when needed and refuses
+data of the wrong shape. docs/losses.md has the formulas, the hyperparameter ranges and a
+rule of thumb for choosing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,36 +42,678 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 
-def sigmoid(logp_c: Tensor, logp_r: Tensor, ref_logp_c: Tensor, ref_logp_r: Tensor, *,
-            beta: float = 0.1, label_smoothing: float = 0.0) -> Tensor:
+# --------------------------------------------------------------------------------------------
+# shared pieces
+# --------------------------------------------------------------------------------------------
+
+def _need(x: Optional[Tensor], what: str, loss: str) -> Tensor:
+    if x is None:
+        raise ValueError(f"loss '{loss}' needs {what}; it was not given")
+    return x
+
+
+def _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, loss: str):
+    """(Δ_c, Δ_r) = (logp_c − ref_logp_c, logp_r − ref_logp_r)."""
+    _need(ref_logp_c, "ref_logp_c (reference log-probs)", loss)
+    _need(ref_logp_r, "ref_logp_r (reference log-probs)", loss)
+    return logp_c - ref_logp_c, logp_r - ref_logp_r
+
+
+def _smoothed(x: Tensor, eps: float) -> Tensor:
+    """−(1−ε)·log σ(x) − ε·log σ(−x): the logistic loss against a label that is right w.p. 1−ε."""
+    out = -F.logsigmoid(x)
+    if eps:
+        out = (1 - eps) * out - eps * F.logsigmoid(-x)
+    return out
+
+
+def nll(logp_c: Tensor, len_c: Optional[Tensor], loss: str = "nll") -> Tensor:
+    """Per-token negative log-likelihood of the chosen response: NLL = −logp_c / len_c."""
+    return -logp_c / _need(len_c, "len_c (token counts of the chosen response)", loss)
+
+
+def log1mexp(m: Tensor) -> Tensor:
+    """log(1 − exp(m)) for m < 0, accurate everywhere (Mächler 2012): log(−expm1(m)) near 0,
+    log1p(−exp(m)) below −log 2."""
+    cut = -math.log(2.0)
+    near = torch.log(-torch.expm1(torch.clamp(m, min=cut)))
+    far = torch.log1p(-torch.exp(torch.clamp(m, max=cut)))
+    return torch.where(m > cut, near, far)
+
+
+def _capped_exp(x: Tensor) -> Tensor:
+    """exp(x) with x capped just below overflow of x's dtype (so an extreme ratio gives a large
+    finite value, not inf)."""
+    return torch.exp(torch.clamp(x, max=math.log(torch.finfo(x.dtype).max) - 1.0))
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
+
+
+def f_log_ratio(logp: Tensor, ref_logp: Tensor, divergence: str = "reverse_kl", alpha: float = 1.0) -> Tensor:
+    """f′(π/π_ref) written in the log-ratio u = logp − ref_logp (Wang et al. 2023, "Beyond Reverse
+    KL: Generalizing DPO with Diverse Divergence Constraints"). Additive constants are dropped,
+    they cancel between chosen and rejected:
+
+        reverse_kl  f(x) = x log x        f′ → u
+        forward_kl  f(x) = −log x         f′ → −exp(−u)
+        js          f(x) = x log x − (x+1) log((x+1)/2)
+                                          f′ → log 2 + u − log(1 + exp(u))
+        alpha       f(x) = (x^(1−α) − (1−α)x − α) / (α(α−1))
+                                          f′ → (1 − exp(−α·u)) / α      (α ≠ 0; α → 0 is reverse KL)
+
+    The policy that minimises the f-DPO loss under Bradley–Terry labels satisfies
+    β·f′(π*(y)/π_ref(y)) = r(y) + const.
+    """
+    u = logp - ref_logp
+    if divergence == "reverse_kl":
+        return u
+    if divergence == "forward_kl":
+        return -_capped_exp(-u)
+    if divergence == "js":
+        return math.log(2.0) + u - F.softplus(u)
+    if divergence == "alpha":
+        if alpha == 0:
+            raise ValueError("f_alpha must be non-zero (alpha → 0 is reverse_kl)")
+        return (1 - _capped_exp(-alpha * u)) / alpha
+    raise ValueError(f"unknown f_divergence '{divergence}'; known: {', '.join(F_DIVERGENCES)}")
+
+
+class BCOState:
+    """Running mean δ of the implicit rewards β·Δ seen so far (BCO's reward shift).
+
+    `update(rewards)` folds a batch in (count-weighted, detached) and returns the new mean. One
+    state per training run; under data parallelism give it the rewards gathered from all ranks.
+    """
+
+    def __init__(self, mean: float = 0.0, count: int = 0):
+        self.mean = float(mean)
+        self.count = int(count)
+
+    def update(self, rewards: Tensor) -> float:
+        r = rewards.detach().reshape(-1).double()
+        n = r.numel()
+        if n:
+            total = self.count + n
+            self.mean += (r.mean().item() - self.mean) * n / total
+            self.count = total
+        return self.mean
+
+    def __repr__(self) -> str:
+        return f"BCOState(mean={self.mean:.6g}, count={self.count})"
+
+
+def _reward_shift(rewards: Tensor, state: Optional[BCOState]) -> Union[Tensor, float]:
+    """δ: the batch mean of the (detached) rewards, or the running mean kept in `state`."""
+    if state is None:
+        return rewards.detach().mean()
+    return state.update(rewards)
+
+
+# --------------------------------------------------------------------------------------------
+# paired losses that need a reference
+# --------------------------------------------------------------------------------------------
+
+def sigmoid(logp_c: Tensor, logp_r: Tensor, ref_logp_c: Optional[Tensor] = None,
+            ref_logp_r: Optional[Tensor] = None, *, len_c: Optional[Tensor] = None,
+            len_r: Optional[Tensor] = None, beta: float = 0.1, label_smoothing: float = 0.0,
+            f_divergence: str = "reverse_kl", f_alpha: float = 1.0) -> Tensor:
     """DPO (Rafailov et al. 2023), with cDPO label smoothing ε (Mitchell 2023):
 
         L = −(1−ε)·log σ(β·h) − ε·log σ(−β·h),   h = (logp_c − ref_logp_c) − (logp_r − ref_logp_r)
 
-    ε = 0 is plain DPO.
+    ε = 0 is plain DPO. With f_divergence ≠ "reverse_kl" (f-DPO, Wang et al. 2023) the log-ratios
+    are replaced by f′(π/π_ref): h = f_log_ratio(logp_c, ref_logp_c) − f_log_ratio(logp_r, ref_logp_r).
     """
-    h = (logp_c - ref_logp_c) - (logp_r - ref_logp_r)
-    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "sigmoid")
+    h = (f_log_ratio(logp_c, ref_logp_c, f_divergence, f_alpha)
+         - f_log_ratio(logp_r, ref_logp_r, f_divergence, f_alpha))
+    return _smoothed(beta * h, label_smoothing)
 
+
+def robust(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+           beta: float = 0.1, label_smoothing: float = 0.0) -> Tensor:
+    """rDPO (Chowdhury et al. 2024, "Provably Robust DPO"), for labels flipped at a known rate ε:
+
+        L = [(1−ε)·(−log σ(β·h)) − ε·(−log σ(−β·h))] / (1 − 2ε)
+
+    Its expectation over the label noise equals the clean DPO loss (unbiased), so it keeps DPO's
+    optimum. ε ∈ [0, 0.5); ε = 0 is DPO. A single pair's loss is not bounded below.
+    """
+    eps = label_smoothing
+    if not 0 <= eps < 0.5:
+        raise ValueError(f"robust: label_smoothing (flip rate ε) must be in [0, 0.5), found {eps}")
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "robust")
+    x = beta * (d_c - d_r)
+    return ((1 - eps) * -F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
+
+
+def ipo(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+        beta: float = 0.1, ipo_normalize: bool = True) -> Tensor:
+    """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+    Preferences", eq. 17, τ = β):
+
+        L = (h′ − 1/(2β))²,   h′ = Δ_c/len_c − Δ_r/len_r   (ipo_normalize, the default)
+                              h′ = h                       (ipo_normalize=False: summed log-ratios)
+    """
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "ipo")
+    if ipo_normalize:
+        d_c = d_c / _need(len_c, "len_c (ipo_normalize=True)", "ipo")
+        d_r = d_r / _need(len_r, "len_r (ipo_normalize=True)", "ipo")
+    return (d_c - d_r - 1 / (2 * beta)) ** 2
+
+
+def hinge(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+          beta: float = 0.1) -> Tensor:
+    """SLiC-HF calibration hinge (Zhao et al. 2023), reference-normalised as in RSO (Liu et al. 2023):
+
+        L = max(0, 1 − β·h)
+    """
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "hinge")
+    return torch.relu(1 - beta * (d_c - d_r))
+
+
+def exo_pair(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+             beta: float = 0.1, label_smoothing: float = 1e-3) -> Tensor:
+    """EXO (Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment",
+    eq. 16 with K = 2): the reverse KL from the model's pair distribution p = (σ(βh), σ(−βh)) to the
+    smoothed label distribution q = (1−ε, ε):
+
+        L = σ(βh)·(log σ(βh) − log(1−ε)) + σ(−βh)·(log σ(−βh) − log ε)
+
+    ε must be in (0, 1); ε = 0 is read as 1e-3 (as TRL does).
+    """
+    eps = label_smoothing or 1e-3
+    if not 0 < eps < 1:
+        raise ValueError(f"exo_pair: label_smoothing must be in (0, 1), found {eps}")
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "exo_pair")
+    x = beta * (d_c - d_r)
+    return (torch.sigmoid(x) * (F.logsigmoid(x) - math.log(1 - eps))
+            + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
+
+
+def nca_pair(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+             beta: float = 0.1) -> Tensor:
+    """NCA (Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit
+    Rewards"), pairwise form with rewards r = β·Δ:
+
+        L = −log σ(β·Δ_c) − ½·log σ(−β·Δ_c) − ½·log σ(−β·Δ_r)
+
+    Unlike DPO it optimises the absolute likelihood of chosen, not only the margin.
+    """
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "nca_pair")
+    return (-F.logsigmoid(beta * d_c) - 0.5 * F.logsigmoid(-beta * d_c)
+            - 0.5 * F.logsigmoid(-beta * d_r))
+
+
+def bco_pair(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+             beta: float = 0.1, state: Optional[BCOState] = None) -> Tensor:
+    """BCO on pairs (Jung et al. 2024, "Binary Classifier Optimization for LLM Alignment"): chosen
+    and rejected are classified as good / bad with the implicit reward shifted by δ:
+
+        L = −log σ(β·Δ_c − δ) − log σ(−(β·Δ_r − δ))
+
+    δ = mean of the rewards {β·Δ_c, β·Δ_r}, detached: of this batch (state=None) or the running
+    mean kept in `state` (a BCOState, updated with this batch first).
+    """
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "bco_pair")
+    r_c, r_r = beta * d_c, beta * d_r
+    delta = _reward_shift(torch.cat([r_c, r_r]), state)
+    return -F.logsigmoid(r_c - delta) - F.logsigmoid(-(r_r - delta))
+
+
+def sppo_hard(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+              beta: float = 0.1) -> Tensor:
+    """SPPO with hard win probabilities (Wu et al. 2024, "Self-Play Preference Optimization",
+    eq. 4.7 with P(y_w ≻ π) = 1, P(y_l ≻ π) = 0, η = 1/β):
+
+        L = (Δ_c − 1/(2β))² + (Δ_r + 1/(2β))²
+    """
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "sppo_hard")
+    return (d_c - 0.5 / beta) ** 2 + (d_r + 0.5 / beta) ** 2
+
+
+def aot(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+        beta: float = 0.1, label_smoothing: float = 0.0) -> Tensor:
+    """AOT, paired (Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal
+    Transport"): first-order stochastic dominance of the policy's log-odds over the reference's,
+    enforced on the sorted batch (the 1-D optimal-transport coupling):
+
+        a = sort_batch(logp_c − logp_r),  b = sort_batch(ref_logp_c − ref_logp_r)
+        L_i = −(1−ε)·log σ(β(a_i − b_i)) − ε·log σ(−β(a_i − b_i))
+
+    L_i belongs to the i-th order statistic, not to pair i: only the batch mean is meaningful.
+    """
+    _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "aot")
+    a, _ = torch.sort(logp_c - logp_r, dim=0)
+    b, _ = torch.sort(ref_logp_c - ref_logp_r, dim=0)
+    return _smoothed(beta * (a - b), label_smoothing)
+
+
+def aot_pair(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+             beta: float = 0.1, label_smoothing: float = 0.0) -> Tensor:
+    """AOT, unpaired form (Melnyk et al. 2024): the distribution of chosen log-ratios must dominate
+    that of rejected log-ratios; chosen and rejected are sorted independently:
+
+        a = sort_batch(Δ_c),  b = sort_batch(Δ_r)
+        L_i = −(1−ε)·log σ(β(a_i − b_i)) − ε·log σ(−β(a_i − b_i))
+
+    L_i belongs to the i-th order statistic, not to pair i: only the batch mean is meaningful.
+    """
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "aot_pair")
+    a, _ = torch.sort(d_c, dim=0)
+    b, _ = torch.sort(d_r, dim=0)
+    return _smoothed(beta * (a - b), label_smoothing)
+
+
+def apo_zero(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+             beta: float = 0.1) -> Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive
+    Revisions", eq. 7): raise chosen, lower rejected, each anchored to the reference:
+
+        L = (1 − σ(β·Δ_c)) + σ(β·Δ_r)
+
+    For when the chosen outputs are better than the model's own.
+    """
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "apo_zero")
+    return (1 - torch.sigmoid(beta * d_c)) + torch.sigmoid(beta * d_r)
+
+
+def apo_down(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+             beta: float = 0.1) -> Tensor:
+    """APO-down (D'Oosterlinck et al. 2024, eq. 8): lower chosen, and lower rejected more:
+
+        L = σ(β·Δ_c) + (1 − σ(β·(Δ_c − Δ_r)))
+
+    For when the chosen outputs are worse than the model's own.
+    """
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "apo_down")
+    return torch.sigmoid(beta * d_c) + (1 - torch.sigmoid(beta * (d_c - d_r)))
+
+
+def discopop(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+             beta: float = 0.1, discopop_tau: float = 0.05) -> Tensor:
+    """DiscoPOP / log-ratio modulated loss (Chris Lu et al. 2024, "Discovering Preference
+    Optimization Algorithms with and for Large Language Models", eq. 5), x = β·h:
+
+        m = σ(x/τ),   L = (1 − m)·(−log σ(x)) + m·exp(−x)
+
+    a logistic (DPO) loss for negative margins blended into an exponential loss for positive
+    ones. m·exp(−x) is computed as exp(log σ(x/τ) − x), finite for any x.
+    """
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "discopop")
+    x = beta * (d_c - d_r)
+    return (torch.sigmoid(-x / discopop_tau) * -F.logsigmoid(x)
+            + torch.exp(F.logsigmoid(x / discopop_tau) - x))
+
+
+def sigmoid_norm(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+                 beta: float = 5.0) -> Tensor:
+    """Length-normalised DPO (the per-token form used e.g. by Tülu 3, Lambert et al. 2024):
+
+        L = −log σ(β·(Δ_c/len_c − Δ_r/len_r))
+
+    β acts on per-token log-ratios, so it is much larger than DPO's (Tülu 3 uses β = 5).
+    """
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "sigmoid_norm")
+    n_c = _need(len_c, "len_c (token counts)", "sigmoid_norm")
+    n_r = _need(len_r, "len_r (token counts)", "sigmoid_norm")
+    return -F.logsigmoid(beta * (d_c / n_c - d_r / n_r))
+
+
+# --------------------------------------------------------------------------------------------
+# paired, reference-free
+# --------------------------------------------------------------------------------------------
+
+def sigmoid_ref_free(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+                     beta: float = 0.1, label_smoothing: float = 0.0) -> Tensor:
+    """Reference-free DPO (DPO with a uniform reference; Rafailov et al. 2023, `reference_free`):
+
+        L = −(1−ε)·log σ(β·(logp_c − logp_r)) − ε·log σ(−β·(logp_c − logp_r))
+    """
+    return _smoothed(beta * (logp_c - logp_r), label_smoothing)
+
+
+def simpo(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+          beta: float = 2.0, gamma: float = 1.0) -> Tensor:
+    """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free
+    Reward", eq. 6), γ an absolute target margin as in the paper:
+
+        L = −log σ(β/len_c · logp_c − β/len_r · logp_r − γ)
+    """
+    n_c = _need(len_c, "len_c (token counts)", "simpo")
+    n_r = _need(len_r, "len_r (token counts)", "simpo")
+    return -F.logsigmoid(beta * logp_c / n_c - beta * logp_r / n_r - gamma)
+
+
+def cpo(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+        beta: float = 0.1, alpha: float = 1.0) -> Tensor:
+    """CPO (Xu et al. 2024, "Contrastive Preference Optimization", eq. 6): reference-free DPO plus
+    a behaviour-cloning NLL on chosen:
+
+        L = −log σ(β·(logp_c − logp_r)) + α·NLL,   NLL = −logp_c/len_c
+    """
+    out = -F.logsigmoid(beta * (logp_c - logp_r))
+    if alpha:
+        out = out + alpha * nll(logp_c, len_c, "cpo")
+    return out
+
+
+def orpo(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+         orpo_lambda: float = 0.1) -> Tensor:
+    """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference
+    Model", eq. 6–7), odds from per-token average log-probs m = logp/len:
+
+        log odds(y) = m − log(1 − exp(m))
+        L = NLL − λ·log σ(log odds_c − log odds_r),   NLL = −logp_c/len_c
+
+    log(1 − exp(m)) is computed stably (log1mexp).
+    """
+    m_c = logp_c / _need(len_c, "len_c (token counts)", "orpo")
+    m_r = logp_r / _need(len_r, "len_r (token counts)", "orpo")
+    log_odds = (m_c - log1mexp(m_c)) - (m_r - log1mexp(m_r))
+    return -m_c - orpo_lambda * F.logsigmoid(log_odds)
+
+
+def sft(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None) -> Tensor:
+    """Supervised fine-tuning on the chosen response (the generation term of MPO):
+
+        L = NLL = −logp_c/len_c
+    """
+    return nll(logp_c, len_c, "sft")
+
+
+# --------------------------------------------------------------------------------------------
+# unpaired losses: one completion per example, label True = desirable
+# --------------------------------------------------------------------------------------------
+
+def _kto_z0(kl_logp, kl_ref_logp) -> Union[Tensor, float]:
+    if kl_logp is None or kl_ref_logp is None:
+        return 0.0
+    return (kl_logp - kl_ref_logp).mean().clamp(min=0).detach()
+
+
+def kto(logp: Tensor, ref_logp: Tensor, label: Tensor, *, kl_logp: Optional[Tensor] = None,
+        kl_ref_logp: Optional[Tensor] = None, len: Optional[Tensor] = None, beta: float = 0.1,
+        desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+        state=None) -> Tensor:
+    """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization"),
+    Δ = logp − ref_logp:
+
+        z0 = max(0, mean(kl_logp − kl_ref_logp)), detached   (KL estimate from mismatched
+                                                               prompt/completion pairs; 0 if not given)
+        L = λ_D·(1 − σ(β·(Δ − z0)))   if label (desirable)
+        L = λ_U·(1 − σ(β·(z0 − Δ)))   otherwise
+
+    z0 is in log-ratio units (β·z0 is the reference point in reward units), as in the paper.
+    """
+    label = label.bool()
+    d = logp - ref_logp
+    z0 = _kto_z0(kl_logp, kl_ref_logp)
+    good = desirable_weight * (1 - torch.sigmoid(beta * (d - z0)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - d)))
+    return torch.where(label, good, bad)
+
+
+def bco(logp: Tensor, ref_logp: Tensor, label: Tensor, *, kl_logp: Optional[Tensor] = None,
+        kl_ref_logp: Optional[Tensor] = None, len: Optional[Tensor] = None, beta: float = 0.1,
+        state: Optional[BCOState] = None) -> Tensor:
+    """BCO (Jung et al. 2024, "Binary Classifier Optimization for LLM Alignment"), reward
+    r = β·(logp − ref_logp), shifted by δ:
+
+        L = −log σ(r − δ)      if label (desirable)
+        L = −log σ(−(r − δ))   otherwise
+
+    δ = mean reward over desirable and undesirable examples, detached: of this batch (state=None)
+    or the running mean kept in `state` (a BCOState, updated with this batch first). The paper's
+    optional density-ratio reweighting (UDM) is not included.
+    """
+    label = label.bool()
+    r = beta * (logp - ref_logp)
+    delta = _reward_shift(r, state)
+    return torch.where(label, -F.logsigmoid(r - delta), -F.logsigmoid(-(r - delta)))
+
+
+def apo_zero_unpaired(logp: Tensor, ref_logp: Tensor, label: Tensor, *,
+                      kl_logp: Optional[Tensor] = None, kl_ref_logp: Optional[Tensor] = None,
+                      len: Optional[Tensor] = None, beta: float = 0.1,
+                      desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                      state=None) -> Tensor:
+    """APO-zero on unpaired labels (D'Oosterlinck et al. 2024, eq. 7 split per example),
+    Δ = logp − ref_logp:
+
+        L = λ_D·(1 − σ(β·Δ))   if label (desirable)
+        L = λ_U·σ(β·Δ)         otherwise
+    """
+    label = label.bool()
+    s = torch.sigmoid(beta * (logp - ref_logp))
+    return torch.where(label, desirable_weight * (1 - s), undesirable_weight * s)
+
+
+# --------------------------------------------------------------------------------------------
+# modifiers
+# --------------------------------------------------------------------------------------------
+
+def with_nll(base_fn: Callable[..., Tensor], rpo_alpha: float = 1.0) -> Callable[..., Tensor]:
+    """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): a paired loss plus an
+    NLL term on chosen,
+
+        L = L_base + rpo_alpha·NLL,   NLL = −logp_c/len_c
+
+    Returns a paired loss function with base_fn's hyperparameters and a keyword `rpo_alpha`
+    (default: the value given here).
+    """
+
+    def fn(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+           rpo_alpha: float = rpo_alpha, **hyper):
+        out = base_fn(logp_c, logp_r, ref_logp_c, ref_logp_r, len_c=len_c, len_r=len_r, **hyper)
+        if rpo_alpha:
+            out = out + rpo_alpha * nll(logp_c, len_c, "rpo")
+        return out
+
+    params = [p for p in inspect.signature(base_fn).parameters.values()]
+    extra = inspect.Parameter("rpo_alpha", inspect.Parameter.KEYWORD_ONLY, default=rpo_alpha)
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    fn.__signature__ = inspect.Signature(params[:at] + [extra] + params[at:])
+    fn.__name__ = f"{getattr(base_fn, '__name__', 'loss')}_with_nll"
+    fn.__doc__ = (f"{getattr(base_fn, '__name__', 'loss')} + rpo_alpha·NLL (RPO, Pang et al. 2024):\n\n"
+                  f"    L = L_base + rpo_alpha·(−logp_c/len_c)\n\nbase:\n{base_fn.__doc__ or ''}")
+    return fn
+
+
+def wpo_weights(logp_c: Tensor, logp_r: Tensor, len_c: Tensor, len_r: Tensor, *,
+                sq_mass_c: Optional[Tensor] = None, sq_mass_r: Optional[Tensor] = None,
+                clamp_max: float = 1.0) -> Tensor:
+    """WPO pair weights (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference
+    Optimization", eq. 2), detached:
+
+        w = min(clamp_max, exp( (logp_c − S_c)/len_c + (logp_r − S_r)/len_r ))
+
+    i.e. the product of the per-token geometric-mean probabilities of chosen and rejected under the
+    current policy, so pairs the policy itself would likely generate count more. Inputs:
+    logp_c/logp_r the policy's summed log-probs (this step's), len_c/len_r token counts, and
+    optionally sq_mass_c/sq_mass_r = Σ_t log Σ_v π(v | prefix_t)² (the paper's "weight
+    alignment", which needs the full next-token distributions; 0 if not given). Use as
+    `(wpo_weights(...) * per_pair_loss).mean()`.
+    """
+    a = logp_c if sq_mass_c is None else logp_c - sq_mass_c
+    b = logp_r if sq_mass_r is None else logp_r - sq_mass_r
+    w = torch.exp(a / len_c + b / len_r)
+    if clamp_max is not None:
+        w = w.clamp(max=clamp_max)
+    return w.detach()
+
+
+def ld_logps(logp_prefix: Tensor, logp_excess: Tensor, ld_alpha: float) -> Tensor:
+    """LD-DPO length desensitisation (Liu et al. 2024, "Length Desensitization in Direct
+    Preference Optimization"): the log-prob of a response is split at the shared length
+    l_p = min(len_c, len_r) of its pair, and the tokens beyond it are down-weighted:
+
+        logp_LD = logp_prefix + ld_alpha·logp_excess
+
+    logp_prefix = Σ_{t ≤ l_p} log π(y_t | …),  logp_excess = Σ_{t > l_p} log π(y_t | …) (0 for the
+    shorter response). Apply it to the policy and the reference alike, then feed any paired loss.
+    ld_alpha ∈ [0, 1]; 1 is plain DPO.
+    """
+    return logp_prefix + ld_alpha * logp_excess
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+# --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class LossSpec:
+    """What a loss needs and which hyperparameters (keys of LossConfig, with defaults) it takes."""
+
     name: str
     fn: Callable[..., Tensor]
-    needs_reference: bool = True  # needs ref_logp_c / ref_logp_r
+    needs_reference: bool = True  # needs ref log-probs (ref_logp_c / ref_logp_r, or ref_logp)
     paired: bool = True  # True: chosen/rejected pairs; False: unpaired good/bad labels
-    hyperparameters: tuple = ("beta",)  # keys of LossConfig passed to fn
+    needs_lengths: bool = False  # needs token counts (len_c / len_r, or len)
+    needs_nll: bool = False  # includes an NLL/SFT term on chosen, −logp_c/len_c
+    hyperparameters: dict = field(default_factory=lambda: {"beta": 0.1}, compare=False)
+    summary: str = ""
+    stateful: bool = False  # takes `state=` (a BCOState kept by the caller across steps)
 
 
-REGISTRY: dict[str, LossSpec] = {
-    "sigmoid": LossSpec("sigmoid", sigmoid, hyperparameters=("beta", "label_smoothing")),
+def _spec(name, fn, *, ref=True, paired=True, lengths=False, nll_term=False, summary="",
+          stateful=False, **hyper) -> LossSpec:
+    return LossSpec(name, fn, needs_reference=ref, paired=paired, needs_lengths=lengths,
+                    needs_nll=nll_term, hyperparameters=dict(hyper), summary=summary,
+                    stateful=stateful)
+
+
+rpo = with_nll(sigmoid, rpo_alpha=1.0)
+rpo.__name__ = "rpo"
+
+_SPECS = [
+    _spec("sigmoid", sigmoid, beta=0.1, label_smoothing=0.0, f_divergence="reverse_kl", f_alpha=1.0,
+          summary="DPO; cDPO with label_smoothing; f-DPO with f_divergence"),
+    _spec("robust", robust, beta=0.1, label_smoothing=0.0,
+          summary="rDPO: unbiased DPO under labels flipped at known rate label_smoothing"),
+    _spec("ipo", ipo, lengths=True, beta=0.1, ipo_normalize=True,
+          summary="IPO: squared loss to the margin 1/(2β), per-token log-ratios by default"),
+    _spec("hinge", hinge, beta=0.1, summary="SLiC/RSO hinge on the reference-normalised margin"),
+    _spec("exo_pair", exo_pair, beta=0.1, label_smoothing=1e-3,
+          summary="EXO: reverse KL to smoothed labels (mode-seeking)"),
+    _spec("nca_pair", nca_pair, beta=0.1, summary="NCA: absolute-likelihood contrastive loss"),
+    _spec("bco_pair", bco_pair, beta=0.1, stateful=True,
+          summary="BCO on pairs: chosen good / rejected bad classifier with reward shift δ"),
+    _spec("sppo_hard", sppo_hard, beta=0.1,
+          summary="SPPO with hard win rates: squared loss on each log-ratio"),
+    _spec("aot", aot, beta=0.1, label_smoothing=0.0,
+          summary="AOT paired: sorted policy log-odds dominate sorted reference log-odds"),
+    _spec("aot_pair", aot_pair, beta=0.1, label_smoothing=0.0,
+          summary="AOT unpaired form: sorted chosen log-ratios dominate sorted rejected ones"),
+    _spec("apo_zero", apo_zero, beta=0.1, summary="APO-zero: raise chosen, lower rejected (anchored)"),
+    _spec("apo_down", apo_down, beta=0.1, summary="APO-down: lower chosen, lower rejected more"),
+    _spec("discopop", discopop, beta=0.1, discopop_tau=0.05,
+          summary="DiscoPOP: logistic/exponential blend modulated by the margin"),
+    _spec("sigmoid_norm", sigmoid_norm, lengths=True, beta=5.0,
+          summary="length-normalised DPO on per-token log-ratios"),
+    _spec("sigmoid_ref_free", sigmoid_ref_free, ref=False, beta=0.1, label_smoothing=0.0,
+          summary="DPO with a uniform reference (no reference model)"),
+    _spec("simpo", simpo, ref=False, lengths=True, beta=2.0, gamma=1.0,
+          summary="SimPO: per-token average log-prob margin above γ, no reference"),
+    _spec("cpo", cpo, ref=False, lengths=True, nll_term=True, beta=0.1, alpha=1.0,
+          summary="CPO: reference-free DPO + α·NLL"),
+    _spec("orpo", orpo, ref=False, lengths=True, nll_term=True, orpo_lambda=0.1,
+          summary="ORPO: NLL + λ·odds-ratio loss, no reference"),
+    _spec("sft", sft, ref=False, lengths=True, nll_term=True,
+          summary="NLL on chosen only (MPO's generation term)"),
+    _spec("rpo", rpo, lengths=True, nll_term=True, beta=0.1, label_smoothing=0.0,
+          f_divergence="reverse_kl", f_alpha=1.0, rpo_alpha=1.0,
+          summary="RPO: DPO + rpo_alpha·NLL on chosen"),
+    _spec("kto", kto, paired=False, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0,
+          summary="KTO: unpaired desirable/undesirable labels, prospect-theoretic value"),
+    _spec("bco", bco, paired=False, beta=0.1, stateful=True,
+          summary="BCO: unpaired binary classifier with running reward shift δ"),
+    _spec("apo_zero_unpaired", apo_zero_unpaired, paired=False, beta=0.1, desirable_weight=1.0,
+          undesirable_weight=1.0, summary="APO-zero on unpaired labels"),
+]
+
+REGISTRY: dict[str, LossSpec] = {s.name: s for s in _SPECS}
+
+ALIASES = {
+    "dpo": "sigmoid",
+    "cdpo": "sigmoid",  # sigmoid with label_smoothing = ε
+    "f_dpo": "sigmoid",  # sigmoid with f_divergence
+    "rdpo": "robust",
+    "slic": "hinge",
+    "exo": "exo_pair",
+    "nca": "nca_pair",
+    "sppo": "sppo_hard",
+    "dpo_norm": "sigmoid_norm",
+    "dpo_ref_free": "sigmoid_ref_free",
 }
-ALIASES = {"dpo": "sigmoid"}
 
 
 def get(name: str) -> LossSpec:
-    """The registered loss called `name` (KeyError naming the known ones otherwise)."""
-    name = ALIASES.get(name, name)
-    if name not in REGISTRY:
-        raise KeyError(f"unknown loss '{name}'; known: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
+    """The registered loss called `name` or one of its ALIASES (KeyError naming the known ones
+    otherwise)."""
+    key = ALIASES.get(name, name)
+    if key not in REGISTRY:
+        raise KeyError(f"unknown loss '{name}'; known: {', '.join(sorted(REGISTRY))} "
+                       f"(aliases: {', '.join(sorted(ALIASES))})")
+    return REGISTRY[key]
+
+
+def names(paired: Optional[bool] = None, needs_reference: Optional[bool] = None) -> list[str]:
+    """Sorted names of the registered losses, optionally only the paired / unpaired ones and only
+    those that do / do not need a reference model."""
+    return sorted(n for n, s in REGISTRY.items()
+                  if (paired is None or s.paired == paired)
+                  and (needs_reference is None or s.needs_reference == needs_reference))
+
+
+def combine(parts: Iterable[tuple], name: Optional[str] = None) -> LossSpec:
+    """A weighted sum of paired losses, as a LossSpec (MPO, Wang et al. 2024, "Enhancing the
+    Reasoning Ability of Multimodal LLMs via Mixed Preference Optimization"):
+
+        L = Σ_k w_k·L_k
+
+    `parts` is [(name or LossSpec, weight), ...]. The result needs what any part needs; its
+    hyperparameters are the union of the parts' (a shared name, e.g. beta, is shared; the first
+    part's default wins). `state` is handed to every stateful part.
+    """
+    specs = []
+    for part, w in parts:
+        spec = get(part) if isinstance(part, str) else part
+        if not spec.paired:
+            raise ValueError(f"combine: '{spec.name}' is unpaired; only paired losses can be combined")
+        specs.append((spec, float(w)))
+    if not specs:
+        raise ValueError("combine: no losses given")
+    hyper: dict = {}
+    for spec, _ in specs:
+        for k, v in spec.hyperparameters.items():
+            hyper.setdefault(k, v)
+    stateful = any(s.stateful for s, _ in specs)
+
+    def fn(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
+           state=None, **kw):
+        unknown = set(kw) - set(hyper)
+        if unknown:
+            raise TypeError(f"combined loss got unexpected hyperparameters {sorted(unknown)}")
+        total = 0
+        for spec, w in specs:
+            sub = {k: v for k, v in kw.items() if k in spec.hyperparameters}
+            if spec.stateful:
+                sub["state"] = state
+            total = total + w * spec.fn(logp_c, logp_r, ref_logp_c, ref_logp_r,
+                                        len_c=len_c, len_r=len_r, **sub)
+        return total
+
+    label = " + ".join(f"{w:g}·{s.name}" for s, w in specs)
+    fn.__name__ = name or "combined"
+    fn.__doc__ = f"Weighted sum of paired losses (MPO-style):\n\n    L = {label}\n"
+    return LossSpec(
+        name or label, fn,
+        needs_reference=any(s.needs_reference for s, _ in specs), paired=True,
+        needs_lengths=any(s.needs_lengths for s, _ in specs),
+        needs_nll=any(s.needs_nll for s, _ in specs), hyperparameters=hyper,
+        summary=f"weighted sum {label}", stateful=stateful)
+
+
+REGISTRY["mpo"] = combine([("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0)], name="mpo")

@@ -15,7 +15,7 @@ from . import losses
 from .config import Config
 from .data.collate import Collator
 from .data.formats import load_pairs
-from .data.tokenize import tokenize_pairs
+from .data.tokenize import attach_kl_completions, tokenize_pairs
 from .errors import PrefoptError
 from .modeling import load, reference
 
@@ -46,9 +46,7 @@ def load_examples(cfg: Config, tokenizer, spec: losses.LossSpec, progress: bool 
         raise PrefoptError("config: 'data.train' is not set; give a file, a save_to_disk folder or a hub id.")
     pairs, shape = load_pairs(d.train, d.split, d.limit)
     log.info("%s: %d records, shape %s", d.train, len(pairs), shape)
-    if spec.paired is False:
-        raise PrefoptError(f"loss '{spec.name}' needs unpaired data (prompt, completion, label); "
-                           f"{d.train} holds {shape} pairs.")
+    check_shape(spec, shape, d.train)
     kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
               truncation=d.truncation, chat_template=d.chat_template)
     train, stats = tokenize_pairs(pairs, tokenizer, progress=progress, **kw)
@@ -65,7 +63,27 @@ def load_examples(cfg: Config, tokenizer, spec: losses.LossSpec, progress: bool 
         train = [ex for i, ex in enumerate(train) if i not in eval_idx]
     if not train:
         raise PrefoptError(f"{d.train}: no pair is left to train on ({stats.report()}).")
+    if spec.name in KL_BASELINE_LOSSES:
+        attach_kl_completions(train, cfg.train.seed)
+        if eval_examples:
+            attach_kl_completions(eval_examples, cfg.train.seed)
     return train, eval_examples, stats
+
+
+KL_BASELINE_LOSSES = ("kto",)  # unpaired losses that use the mismatched-completion KL estimate z0
+
+
+def check_shape(spec: losses.LossSpec, shape: str, source: str) -> None:
+    if spec.paired and shape == "unpaired":
+        raise PrefoptError(
+            f"{source}: loss '{spec.name}' needs preference pairs (prompt, chosen, rejected), but the data is "
+            f"unpaired (completion + label). Use an unpaired loss ({', '.join(losses.names(paired=False))}) "
+            "or give paired data.")
+    if not spec.paired and shape != "unpaired":
+        raise PrefoptError(
+            f"{source}: loss '{spec.name}' needs unpaired data (prompt, completion, label: true/false, or "
+            f"messages + label), but the data holds {shape} pairs. Use a paired loss such as sigmoid, or "
+            "give unpaired data.")
 
 
 def build_model(cfg: Config, path: str):
@@ -108,15 +126,31 @@ def training_arguments(cfg: Config, bf16: bool):
     )
 
 
-def train(cfg: Config, progress: Optional[bool] = None) -> dict:
-    """Run one training job described by `cfg`; returns a summary (paths, first/last loss)."""
+def make_trainer(cfg: Config, spec: losses.LossSpec, model, tokenizer, collator, train_examples: list,
+                 eval_examples: list, bf16: bool, ref_model=None):
+    """The PreferenceTrainer for tokenized examples (with ref_logps attached if precomputed)."""
     from .trainer import JsonlMetrics, PreferenceTrainer
 
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.exists():
+        metrics_path.unlink()
+    loss_kwargs = {k: getattr(cfg.loss, k) for k in spec.hyperparameters}
+    return PreferenceTrainer(
+        model=model, args=training_arguments(cfg, bf16), train_dataset=train_examples,
+        eval_dataset=eval_examples or None, data_collator=collator, processing_class=tokenizer,
+        loss=spec, loss_kwargs=loss_kwargs, ref_model=ref_model, lm_head_chunk=cfg.train.lm_head_chunk,
+        callbacks=[JsonlMetrics(metrics_path)],
+    )
+
+
+def train(cfg: Config, progress: Optional[bool] = None) -> dict:
+    """Run one training job described by `cfg`; returns a summary (paths, first/last loss)."""
     progress = cfg.train.progress if progress is None else progress
     t0 = time.time()
     seed_everything(cfg.train.seed)
     spec = losses.get(cfg.loss.name)
-    out = Path(cfg.train.output_dir)
     path = load.resolve(cfg.model.name)
     tokenizer = load.load_tokenizer(path, cfg.model.revision, cfg.model.trust_remote_code)
     train_examples, eval_examples, _ = load_examples(cfg, tokenizer, spec, progress)
@@ -129,7 +163,7 @@ def train(cfg: Config, progress: Optional[bool] = None) -> dict:
     if spec.needs_reference:
         if cfg.reference.precompute:
             cache = Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else load.cache_dir() / "reference"
-            for name, exs in (("train", train_examples), ("eval", eval_examples)):
+            for exs in (train_examples, eval_examples):
                 reference.precompute(model, exs, collator, cache_dir=cache, batch_size=2 * cfg.train.batch_size,
                                      chunk=cfg.train.lm_head_chunk,
                                      autocast_dtype=torch.bfloat16 if bf16 else None, progress=progress)
@@ -139,17 +173,8 @@ def train(cfg: Config, progress: Optional[bool] = None) -> dict:
                                         revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
             ref_model.requires_grad_(False).eval()
 
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    if metrics_path.exists():
-        metrics_path.unlink()
-    loss_kwargs = {k: getattr(cfg.loss, k) for k in spec.hyperparameters}
-    trainer = PreferenceTrainer(
-        model=model, args=training_arguments(cfg, bf16), train_dataset=train_examples,
-        eval_dataset=eval_examples or None, data_collator=collator, processing_class=tokenizer,
-        loss=spec, loss_kwargs=loss_kwargs, ref_model=ref_model, lm_head_chunk=cfg.train.lm_head_chunk,
-        callbacks=[JsonlMetrics(metrics_path)],
-    )
+    trainer = make_trainer(cfg, spec, model, tokenizer, collator, train_examples, eval_examples, bf16, ref_model)
+    out = Path(cfg.train.output_dir)
     result = trainer.train()
     if eval_examples:
         trainer.evaluate()

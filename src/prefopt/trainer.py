@@ -40,6 +40,7 @@ class PreferenceTrainer(Trainer):
         self.loss_kwargs = dict(loss_kwargs)
         self.ref_model = ref_model
         self.lm_head_chunk = lm_head_chunk
+        self.loss_state = losses.BCOState() if loss.stateful else None
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         # Our loss is a mean over the pairs of a micro-batch: the Trainer must divide by the number
         # of accumulation steps (1 × 8 accumulated == 8 × 1), never rescale by token counts.
@@ -50,29 +51,68 @@ class PreferenceTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = sequence_logps(model, inputs, self.lm_head_chunk)
-        ref = reference_logps(model, inputs, self.ref_model, self.lm_head_chunk).to(out["logps"].dtype)
-        logp_c, logp_r = out["logps"][0::2], out["logps"][1::2]
-        ref_c, ref_r = ref[0::2], ref[1::2]
-        per_pair = self.loss_spec.fn(logp_c, logp_r, ref_c, ref_r, **self.loss_kwargs)
-        loss = per_pair.mean()
+        # Sequences come in twos — (chosen, rejected) for pairs, (completion, mismatched completion
+        # for the KL baseline) for KTO — or alone (an unpaired completion without KL baseline).
+        K = 2 if self.loss_spec.paired else out["logps"].shape[0] // inputs["labels_bool"].shape[0]
+        ref = None
+        if self.loss_spec.needs_reference:
+            ref = reference_logps(model, inputs, self.ref_model, self.lm_head_chunk).to(out["logps"].dtype)
 
-        beta = self.loss_kwargs.get("beta", 1.0)
-        with torch.no_grad():
-            reward_c = beta * (logp_c - ref_c)
-            reward_r = beta * (logp_r - ref_r)
-            stats = {
-                "rewards/chosen": reward_c, "rewards/rejected": reward_r,
-                "rewards/margins": reward_c - reward_r,
-                "rewards/accuracies": (reward_c > reward_r).float(),
-                "logps/chosen": logp_c, "logps/rejected": logp_r,
-                "logps/ref_chosen": ref_c, "logps/ref_rejected": ref_r,
-                "lengths/chosen": out["lengths"][0::2], "lengths/rejected": out["lengths"][1::2],
-            }
-            split = "train" if model.training else "eval"
-            for k, v in stats.items():
-                v = self.accelerator.gather_for_metrics(v.detach().float())
+        def split(x):
+            return (None, None) if x is None else (x[0::K], x[1::K] if K == 2 else None)
+
+        (logp_a, logp_b), (len_a, len_b), (ref_a, ref_b) = split(out["logps"]), split(out["lengths"]), split(ref)
+        extra = {"state": self.loss_state} if self.loss_spec.stateful else {}
+        beta = self.loss_kwargs.get("beta") or 1.0
+        if self.loss_spec.paired:
+            per_example = self.loss_spec.fn(logp_a, logp_b, ref_a, ref_b, len_c=len_a, len_r=len_b,
+                                            **self.loss_kwargs, **extra)
+            stats = self._pair_stats(beta, logp_a, logp_b, ref_a, ref_b, len_a, len_b)
+        else:
+            label = inputs["labels_bool"]
+            kl_logp, kl_ref = logp_b, ref_b
+            if self.accelerator.num_processes > 1 and kl_ref is not None:  # z0 from the global batch
+                kl_logp = self.accelerator.gather(kl_logp.detach())
+                kl_ref = self.accelerator.gather(kl_ref)
+            per_example = self.loss_spec.fn(logp_a, ref_a, label, kl_logp=kl_logp, kl_ref_logp=kl_ref,
+                                            len=len_a, **self.loss_kwargs, **extra)
+            stats = self._unpaired_stats(beta, label, logp_a, ref_a, logp_b, ref_b)
+        loss = per_example.mean()
+        split = "train" if model.training else "eval"
+        for k, v in stats.items():
+            v = self.accelerator.gather_for_metrics(v.detach().float())
+            if v.numel():  # a batch may hold no desirable (or no undesirable) example
                 self._metrics[split][k].append(v.mean().item())
         return (loss, out) if return_outputs else loss
+
+    @staticmethod
+    @torch.no_grad()
+    def _pair_stats(beta, logp_c, logp_r, ref_c, ref_r, len_c, len_r) -> dict:
+        # implicit rewards β·(log π − log π_ref); reference-free losses: β·log π
+        reward_c = beta * (logp_c - (ref_c if ref_c is not None else 0))
+        reward_r = beta * (logp_r - (ref_r if ref_r is not None else 0))
+        stats = {
+            "rewards/chosen": reward_c, "rewards/rejected": reward_r,
+            "rewards/margins": reward_c - reward_r,
+            "rewards/accuracies": (reward_c > reward_r).float(),
+            "logps/chosen": logp_c, "logps/rejected": logp_r,
+            "lengths/chosen": len_c, "lengths/rejected": len_r,
+        }
+        if ref_c is not None:
+            stats["logps/ref_chosen"], stats["logps/ref_rejected"] = ref_c, ref_r
+        return stats
+
+    @staticmethod
+    @torch.no_grad()
+    def _unpaired_stats(beta, label, logp, ref, kl_logp, kl_ref) -> dict:
+        reward = beta * (logp - (ref if ref is not None else 0))
+        stats = {"rewards/desirable": reward[label], "rewards/undesirable": reward[~label],
+                 "logps/desirable": logp[label], "logps/undesirable": logp[~label],
+                 # accuracy of the implicit reward's sign against the labels
+                 "rewards/accuracies": ((reward > 0) == label).float()}
+        if kl_ref is not None:
+            stats["kl"] = (kl_logp - kl_ref).mean().clamp(min=0)[None]
+        return stats
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

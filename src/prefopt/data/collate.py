@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import torch
 
-RESPONSE_KEYS = {2: ("chosen_ids", "rejected_ids"), 1: ("completion_ids",)}
-
-
 def responses_of(example: dict) -> list[list[int]]:
+    """[chosen, rejected] for a pair; [completion, mismatched KL completion] for an unpaired
+    example with a KL baseline; else [completion]."""
     if "chosen_ids" in example:
         return [example["chosen_ids"], example["rejected_ids"]]
+    if "kl_completion_ids" in example:
+        return [example["completion_ids"], example["kl_completion_ids"]]
     return [example["completion_ids"]]
 
 

@@ -7,7 +7,11 @@ later error can name its origin. Shapes recognised:
     conversational  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
                     (a message is {"role": system|user|assistant|tool, "content": str})
 
-Both normalise to a Pair; `Pair.conversational` says which.
+    unpaired        {"prompt": str | [messages], "completion": str | [messages], "label": bool}
+                    {"messages": [..., assistant message], "label": bool}
+
+The first two normalise to a Pair (`Pair.conversational` says which), unpaired records to an
+Unpaired (label True = desirable), for KTO/BCO.
 """
 
 from __future__ import annotations
@@ -35,6 +39,18 @@ class Pair:
     @property
     def conversational(self) -> bool:
         return isinstance(self.chosen, list)
+
+
+@dataclass
+class Unpaired:
+    prompt: Union[str, Messages]
+    completion: Union[str, Messages]
+    label: bool
+    where: str = ""
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.completion, list)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,26 +182,54 @@ def _check_messages(value, where: str, field: str, *, final_role: Optional[str] 
 
 
 def recognise(record, where: str) -> str:
-    """The shape of one record: 'standard' or 'conversational'."""
+    """The shape of one record: 'standard', 'conversational' or 'unpaired'."""
     if not isinstance(record, dict):
         raise PrefoptError(f"{where}: expected a record (a JSON object), found {_describe(record)}.")
+    if "label" in record and ("completion" in record or "messages" in record):
+        return "unpaired"
     missing = [f for f in PAIR_FIELDS if f not in record]
     if missing:
         found = ", ".join(record) or "none"
         raise PrefoptError(
             f"{where}: missing field{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)}; "
-            f"expected a preference pair with fields prompt, chosen, rejected (strings, or message lists). "
+            f"expected a preference pair with fields prompt, chosen, rejected (strings, or message lists), "
+            f"or an unpaired example with prompt, completion, label (or messages, label). "
             f"Fields found: {found}."
         )
     return "conversational" if isinstance(record["chosen"], list) else "standard"
 
 
-def normalise(record, where: str, shape: str) -> Pair:
+def _unpaired(record, where: str) -> Unpaired:
+    label = record["label"]
+    if not isinstance(label, bool):
+        raise PrefoptError(f"{where}, field 'label': expected true or false, found {_describe(label)}.")
+    if "messages" in record:
+        messages = _check_messages(record["messages"], where, "messages", final_role="assistant")
+        if len(messages) < 2:
+            raise PrefoptError(f"{where}, field 'messages': needs a prompt turn before the final assistant message.")
+        return Unpaired(messages[:-1], messages[-1:], label, where)
+    if "prompt" not in record:
+        raise PrefoptError(f"{where}: missing field 'prompt' (an unpaired example has prompt, completion, label).")
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(completion, list):
+        return Unpaired(_check_messages(prompt, where, "prompt"),
+                        _check_messages(completion, where, "completion", final_role="assistant"), label, where)
+    for f in ("prompt", "completion"):
+        if not isinstance(record[f], str):
+            raise PrefoptError(f"{where}, field '{f}': expected a string, found {_describe(record[f])}.")
+    if not completion.strip():
+        raise PrefoptError(f"{where}, field 'completion': the response is empty.")
+    return Unpaired(prompt, completion, label, where)
+
+
+def normalise(record, where: str, shape: str):
     actual = recognise(record, where)
     if actual != shape:
         raise PrefoptError(
             f"{where}: this record is {actual}, but earlier records are {shape}; a file must use one shape."
         )
+    if shape == "unpaired":
+        return _unpaired(record, where)
     if shape == "standard":
         for f in PAIR_FIELDS:
             if not isinstance(record[f], str):
@@ -200,9 +244,10 @@ def normalise(record, where: str, shape: str) -> Pair:
     return Pair(prompt, chosen, rejected, where)
 
 
-def load_pairs(source: str, split: str = "train", limit: Optional[int] = None) -> tuple[list[Pair], str]:
-    """All pairs of `source` and the shape they share. Any bad record is an error naming it."""
-    pairs: list[Pair] = []
+def load_pairs(source: str, split: str = "train", limit: Optional[int] = None) -> tuple[list, str]:
+    """All records of `source` (Pair or Unpaired) and the shape they share. Any bad record is an
+    error naming it."""
+    pairs: list = []
     shape = None
     for where, record in read_records(source, split):
         if shape is None:

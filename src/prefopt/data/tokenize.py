@@ -10,11 +10,12 @@ response token). No BOS is added twice.
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import PrefoptError
-from .formats import Pair
+from .formats import Pair, Unpaired
 
 log = logging.getLogger("prefopt")
 
@@ -87,28 +88,37 @@ class PairTokenizer:
             raise PrefoptError(f"{where}, field '{field}': the response is empty.")
         return ids
 
-    # -- one pair -----------------------------------------------------------------------------------
-    def __call__(self, pair: Pair) -> Optional[dict]:
+    # -- one record -----------------------------------------------------------------------------------
+    def __call__(self, record) -> Optional[dict]:
+        """A Pair -> {prompt_ids, chosen_ids, rejected_ids}; an Unpaired -> {prompt_ids,
+        completion_ids, label}; None when the record is dropped as too long (counted)."""
         self.stats.pairs += 1
-        prompt, chosen, rejected = pair.prompt, pair.chosen, pair.rejected
-        use_template = self.chat_template == "always" or (self.chat_template == "auto" and pair.conversational)
-        if self.chat_template == "never" and pair.conversational:
-            raise PrefoptError(f"{pair.where}: conversational data needs the chat template (data.chat_template is 'never').")
-        if use_template and not pair.conversational:
+        unpaired = isinstance(record, Unpaired)
+        names = ("completion",) if unpaired else ("chosen", "rejected")
+        prompt = record.prompt
+        responses = [getattr(record, n) for n in names]
+        use_template = self.chat_template == "always" or (self.chat_template == "auto" and record.conversational)
+        if self.chat_template == "never" and record.conversational:
+            raise PrefoptError(f"{record.where}: conversational data needs the chat template (data.chat_template is 'never').")
+        if use_template and not record.conversational:
             prompt = [{"role": "user", "content": prompt}]
-            chosen = [{"role": "assistant", "content": chosen}]
-            rejected = [{"role": "assistant", "content": rejected}]
+            responses = [[{"role": "assistant", "content": r}] for r in responses]
         p = self.prompt_ids(prompt)
         if not p:
-            raise PrefoptError(f"{pair.where}, field 'prompt': the prompt is empty and this tokenizer adds no "
+            raise PrefoptError(f"{record.where}, field 'prompt': the prompt is empty and this tokenizer adds no "
                                "BOS token, so the first response token has nothing to be predicted from.")
-        c = self.response_ids(prompt, chosen, pair.where, "chosen")
-        r = self.response_ids(prompt, rejected, pair.where, "rejected")
-        return self.fit(p, c, r)
+        ids = [self.response_ids(prompt, r, record.where, n) for r, n in zip(responses, names)]
+        fitted = self.fit(p, ids)
+        if fitted is None:
+            return None
+        p, ids = fitted
+        if unpaired:
+            return {"prompt_ids": p, "completion_ids": ids[0], "label": record.label}
+        return {"prompt_ids": p, "chosen_ids": ids[0], "rejected_ids": ids[1]}
 
-    def fit(self, p: list[int], c: list[int], r: list[int]) -> Optional[dict]:
-        """Apply the truncation rule; None when the pair is dropped (counted)."""
-        if len(p) + max(len(c), len(r)) > self.max_length:
+    def fit(self, p: list[int], responses: list[list[int]]):
+        """Apply the truncation rule: (prompt, responses), or None when dropped (counted)."""
+        if len(p) + max(len(r) for r in responses) > self.max_length:
             if self.truncation == "drop":
                 self.stats.dropped_too_long += 1
                 return None
@@ -117,11 +127,23 @@ class PairTokenizer:
                 keep = self.max_prompt_length
                 p = ([self.bos] + p[-(keep - 1):]) if self.bos is not None and p[0] == self.bos else p[-keep:]
             budget = self.max_length - len(p)
-            c, r = c[:budget], r[:budget]
-        return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+            responses = [r[:budget] for r in responses]
+        return p, responses
 
 
-def tokenize_pairs(pairs: list[Pair], tokenizer, *, max_length: int, max_prompt_length: int,
+def attach_kl_completions(examples: list[dict], seed: int = 0) -> None:
+    """Give each unpaired example a mismatched completion (another example's) for KTO's KL
+    baseline z0: a fixed random derangement, so reference log-probs can be precomputed."""
+    if len(examples) < 2:
+        raise PrefoptError("unpaired training needs at least 2 examples (the KL baseline pairs each "
+                           "prompt with another example's completion).")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    for k, i in enumerate(order):
+        examples[i]["kl_completion_ids"] = examples[order[(k + 1) % len(order)]]["completion_ids"]
+
+
+def tokenize_pairs(pairs: list, tokenizer, *, max_length: int, max_prompt_length: int,
                    truncation: str = "keep_end", chat_template: str = "auto",
                    progress: bool = False) -> tuple[list[dict], TokenizeStats]:
     pt = PairTokenizer(tokenizer, max_length, max_prompt_length, truncation, chat_template)

@@ -40,7 +40,7 @@ def data_fingerprint(examples: list[dict], extra: str = "") -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(extra.encode())
     for ex in examples:
-        for key in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids"):
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "kl_completion_ids"):
             if key in ex:
                 h.update(key.encode())
                 h.update(torch.tensor(ex[key], dtype=torch.int64).numpy().tobytes())
@@ -58,13 +58,13 @@ def compute(model, examples: list[dict], collator, *, batch_size: int = 8, chunk
     """[len(examples), K] summed log-probs of every response under `model` with any adapter off."""
     from tqdm.auto import tqdm
 
-    from ..data.collate import row_length
+    from ..data.collate import responses_of, row_length
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: row_length(examples[i], collator.prefix_sharing))
-    K = 2 if "chosen_ids" in examples[0] else 1
+    K = len(responses_of(examples[0]))
     out = torch.zeros(len(examples), K, dtype=torch.float64)
     bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress)
     try:
