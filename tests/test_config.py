@@ -141,3 +141,15 @@ def test_bad_override_syntax():
         config.load(None, ["--train.lr"])
     with pytest.raises(PrefoptError, match="--section.key"):
         config.load(None, ["--train.a.b", "1"])
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("data", "limit", 0), ("data", "max_prompt_length", 0), ("train", "warmup_ratio", 1.5),
+    ("train", "epochs", -1), ("loss", "beta", 0),
+])
+def test_out_of_range_values_name_the_key(section, key, value):
+    from prefopt.config import from_dict
+    from prefopt.errors import PrefoptError
+
+    with pytest.raises(PrefoptError, match=f"{section}.{key}"):
+        from_dict({section: {key: value}})

@@ -238,3 +238,19 @@ def test_not_utf8(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(json.dumps(RECORDS[0]).encode() + b"\n" + '{"prompt": "caf\xe9"}'.encode("latin-1") + b"\n")
     raises(path, f"{path} line 2", "UTF-8")
+
+
+def test_limit(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", RECORDS)
+    assert [len(load_pairs(str(path), limit=n)[0]) for n in (1, 2, 3, 10, None)] == [1, 2, 3, 3, 3]
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_limit_below_one_gives_no_pairs_or_an_error(tmp_path, limit):
+    path = write_jsonl(tmp_path / "pairs.jsonl", RECORDS)
+    try:
+        pairs, _ = load_pairs(str(path), limit=limit)
+    except PrefoptError as e:
+        assert "limit" in str(e)
+    else:
+        assert pairs == []

@@ -106,6 +106,12 @@ def test_chat_template_never_refuses_conversational(tok):
                 [{"role": "assistant", "content": "b"}], "my.jsonl line 4"))
 
 
+def test_empty_prompt_is_an_error_naming_the_record(tok):
+    # SmolLM2 adds no BOS: with an empty prompt nothing predicts the first response token
+    with pytest.raises(PrefoptError, match=r"f\.jsonl line 3, field 'prompt'"):
+        PairTokenizer(tok)(Pair("", " a", " b", "f.jsonl line 3"))
+
+
 def test_empty_conversational_response_is_an_error(tok):
     pt = PairTokenizer(tok)
     with pytest.raises(PrefoptError, match=r"f\.jsonl line 2, field 'rejected'.*empty"):

@@ -52,7 +52,7 @@ class DataConfig:
     eval_fraction: float = 0.0  # hold out this fraction of `train` for evaluation
     limit: Optional[int] = None  # use only the first N records
     max_length: int = 512  # prompt + longest response, in tokens
-    max_prompt_length: int = 256
+    max_prompt_length: int = 256  # when a pair exceeds max_length, its prompt is cut to this first
     truncation: str = "keep_end"  # prompt keeps its end, responses their start | "drop" the pair
     chat_template: str = "auto"  # auto: template for conversational data, raw text for strings
 
@@ -60,9 +60,15 @@ class DataConfig:
 @dataclass
 class LossConfig:
     """The loss and its hyperparameters. A key left unset (null) takes the chosen loss's default;
-    the saved config records the values actually used. docs/losses.md lists them per loss."""
+    the saved config records the values actually used. docs/losses.md lists them per loss.
 
-    name: str = "sigmoid"
+    `name: combine` is a weighted sum of paired losses (MPO-style), `weights` maps each loss name
+    to its weight ({sigmoid: 0.8, bco_pair: 0.2, sft: 1.0}); it takes the union of their
+    hyperparameters. Modifiers of any paired loss: `ld_alpha` (LD-DPO: tokens beyond the pair's
+    shared length count ld_alpha times; null = off) and `wpo` (WPO per-pair weights)."""
+
+    name: str = "sigmoid"  # a registered loss, an alias, or `combine` (with `weights`)
+    weights: Optional[dict] = None  # loss.name: combine only: {loss name: weight}
     beta: Optional[float] = None
     label_smoothing: Optional[float] = None  # cDPO / rDPO ε
     gamma: Optional[float] = None  # SimPO margin γ
@@ -73,7 +79,8 @@ class LossConfig:
     ipo_normalize: Optional[bool] = None
     f_divergence: Optional[str] = None  # reverse_kl | forward_kl | js | alpha
     f_alpha: Optional[float] = None
-    ld_alpha: Optional[float] = None
+    ld_alpha: Optional[float] = None  # LD-DPO modifier, in [0, 1]; null = off (1 = plain)
+    wpo: bool = False  # WPO modifier: per-pair weights from the policy's own probabilities
     rpo_alpha: Optional[float] = None
     discopop_tau: Optional[float] = None
 
@@ -169,6 +176,10 @@ def _type_ok(value: Any, annotation: Any) -> Any:
         if isinstance(value, list):
             return value
         raise ValueError(f"a list, found {value!r}")
+    if annotation is dict:
+        if isinstance(value, dict):
+            return value
+        raise ValueError(f"a mapping, found {value!r}")
     return value
 
 
@@ -209,6 +220,62 @@ def from_dict(raw: dict, source: str = "config") -> Config:
     return cfg
 
 
+COMBINE = "combine"  # loss.name of a weighted sum of paired losses (with loss.weights)
+LOSS_MODIFIERS = ("ld_alpha", "wpo")  # LossConfig keys that modify any paired loss
+_NOT_HYPERPARAMETERS = ("name", "weights") + LOSS_MODIFIERS
+_NOT_PER_PAIR = ("aot", "aot_pair")  # their per-example losses are order statistics, not per pair
+
+
+def _combine_parts(loss: LossConfig, source: str) -> list[tuple[str, float]]:
+    """loss.weights as [(registered paired loss name, weight)], or a PrefoptError naming loss.weights."""
+    from . import losses
+
+    def bad(msg):
+        raise PrefoptError(f"{source}: 'loss.weights' {msg}")
+
+    known = ", ".join(losses.names(paired=True))
+    example = "e.g. {sigmoid: 0.8, bco_pair: 0.2, sft: 1.0}"
+    w = loss.weights
+    if not w:
+        bad(f"must map each paired loss to its weight when loss.name is '{COMBINE}' ({example}); "
+            f"paired losses: {known}.")
+    if not isinstance(w, dict):
+        bad(f"must be a mapping of loss name to weight ({example}), found {w!r}.")
+    parts: list[tuple[str, float]] = []
+    for name, weight in w.items():
+        key = losses.ALIASES.get(str(name), str(name))
+        if key not in losses.REGISTRY:
+            bad(f"names '{name}', which is not a known loss; paired losses: {known}.")
+        if not losses.REGISTRY[key].paired:
+            bad(f"names '{name}', an unpaired loss; only paired losses can be combined: {known}.")
+        if key in (k for k, _ in parts):
+            bad(f"names '{key}' twice (aliases count as their loss).")
+        try:
+            value = _type_ok(weight, float)
+        except ValueError as e:
+            bad(f"gives '{name}' a weight that is not a number: expected {e}.")
+        if not value >= 0 or value == float("inf"):
+            bad(f"gives '{name}' the weight {value}; weights must be finite and >= 0.")
+        parts.append((key, value))
+    return parts
+
+
+def resolve_loss(loss: LossConfig, source: str = "config"):
+    """The LossSpec that `loss` (a LossConfig) describes: a registered loss or alias, or for
+    `name: combine` the weighted sum `losses.combine` builds from `loss.weights`. The one place
+    where the config's loss name is looked up; a PrefoptError naming the key otherwise."""
+    from . import losses
+
+    if loss.name == COMBINE:
+        parts = _combine_parts(loss, source)
+        return losses.combine(parts, name=f"{COMBINE}(" + " + ".join(f"{w:g}·{n}" for n, w in parts) + ")")
+    key = losses.ALIASES.get(loss.name, loss.name)
+    if key not in losses.REGISTRY:
+        raise PrefoptError(f"{source}: 'loss.name' is '{loss.name}'; known losses: "
+                           f"{', '.join(sorted(losses.REGISTRY))}, or '{COMBINE}' with loss.weights.")
+    return losses.REGISTRY[key]
+
+
 def validate(cfg: Config, source: str = "config") -> None:
     from . import losses
 
@@ -216,16 +283,31 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise PrefoptError(f"{source}: '{key}' {msg}")
 
     cfg.loss.name = losses.ALIASES.get(cfg.loss.name, cfg.loss.name)
-    if cfg.loss.name not in losses.REGISTRY:
-        bad("loss.name", f"is '{cfg.loss.name}'; known losses: {', '.join(sorted(losses.REGISTRY))}.")
-    spec = losses.get(cfg.loss.name)
+    spec = resolve_loss(cfg.loss, source)
+    if cfg.loss.name == COMBINE:
+        cfg.loss.weights = dict(_combine_parts(cfg.loss, source))  # canonical names, float weights
+    elif cfg.loss.weights is not None:
+        bad("loss.weights", f"is only used with loss.name: {COMBINE} (loss.name is '{cfg.loss.name}').")
     for key in dataclasses.asdict(cfg.loss):
-        if key != "name" and getattr(cfg.loss, key) is not None and key not in spec.hyperparameters:
+        if key not in _NOT_HYPERPARAMETERS and getattr(cfg.loss, key) is not None \
+                and key not in spec.hyperparameters:
             bad(f"loss.{key}", f"is not a hyperparameter of loss '{spec.name}'; it takes: "
-                f"{', '.join(spec.hyperparameters) or 'none'}.")
+                f"{', '.join(spec.hyperparameters) or 'none'}"
+                + (f" (and the modifiers {', '.join(LOSS_MODIFIERS)})." if spec.paired else "."))
     for key, default in spec.hyperparameters.items():  # record the values actually used
         if getattr(cfg.loss, key) is None:
             setattr(cfg.loss, key, default)
+    for key, on in (("ld_alpha", cfg.loss.ld_alpha is not None), ("wpo", cfg.loss.wpo)):
+        if on and not spec.paired:
+            bad(f"loss.{key}", f"modifies paired losses; loss '{spec.name}' is unpaired.")
+    if cfg.loss.ld_alpha is not None and not 0 <= cfg.loss.ld_alpha <= 1:
+        bad("loss.ld_alpha", f"must be in [0, 1] (1 = plain, no length desensitisation), found {cfg.loss.ld_alpha}.")
+    if cfg.loss.wpo:
+        parts = list(cfg.loss.weights) if cfg.loss.name == COMBINE else [cfg.loss.name]
+        order_stats = [p for p in parts if p in _NOT_PER_PAIR]
+        if order_stats:
+            bad("loss.wpo", f"weights each pair's loss, but '{order_stats[0]}' returns losses of sorted "
+                "order statistics, not of pairs; use another loss or wpo: false.")
     if cfg.loss.beta is not None and cfg.loss.beta <= 0:
         bad("loss.beta", f"must be > 0, found {cfg.loss.beta}.")
     if cfg.loss.label_smoothing is not None and not 0 <= cfg.loss.label_smoothing < 0.5:
@@ -236,6 +318,14 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("data.chat_template", f"must be auto, always or never, found '{cfg.data.chat_template}'.")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         bad("data.max_prompt_length", f"({cfg.data.max_prompt_length}) must be below data.max_length ({cfg.data.max_length}).")
+    if cfg.data.limit is not None and cfg.data.limit < 1:
+        bad("data.limit", f"must be >= 1 (or null for all records), found {cfg.data.limit}.")
+    if cfg.data.max_prompt_length < 1:
+        bad("data.max_prompt_length", f"must be >= 1, found {cfg.data.max_prompt_length}.")
+    if not 0 <= cfg.train.warmup_ratio < 1:
+        bad("train.warmup_ratio", f"must be in [0, 1), found {cfg.train.warmup_ratio}.")
+    if cfg.train.epochs <= 0:
+        bad("train.epochs", f"must be > 0, found {cfg.train.epochs}.")
     if not 0 <= cfg.data.eval_fraction < 1:
         bad("data.eval_fraction", f"must be in [0, 1), found {cfg.data.eval_fraction}.")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):

@@ -39,10 +39,10 @@ class DemoSettings:
     eval_prompts: int = 40
     samples: int = 4  # per prompt, for pairs and for evaluation
     max_new_tokens: int = 32
-    beta: float = 0.1
-    lr: float = 5e-4
+    beta: float = 0.2
+    lr: float = 4e-4
     batch_size: int = 8
-    epochs: float = 1.0
+    epochs: float = 2.0
     lora_r: int = 16
     lora_alpha: int = 32
 

@@ -141,8 +141,14 @@ def make_trainer(cfg: Config, spec: losses.LossSpec, model, tokenizer, collator,
         model=model, args=training_arguments(cfg, bf16), train_dataset=train_examples,
         eval_dataset=eval_examples or None, data_collator=collator, processing_class=tokenizer,
         loss=spec, loss_kwargs=loss_kwargs, ref_model=ref_model, lm_head_chunk=cfg.train.lm_head_chunk,
-        callbacks=[JsonlMetrics(metrics_path)],
+        ld_alpha=cfg.loss.ld_alpha, wpo=cfg.loss.wpo, callbacks=[JsonlMetrics(metrics_path)],
     )
+
+
+def make_collator(cfg: Config, tokenizer) -> Collator:
+    """The batch collator for `cfg`: flags LD-DPO's shared-length prefixes only when loss.ld_alpha is set."""
+    return Collator(tokenizer.pad_token_id, prefix_sharing=cfg.train.prefix_sharing,
+                    ld_prefix=cfg.loss.ld_alpha is not None)
 
 
 def train(cfg: Config, progress: Optional[bool] = None) -> dict:
@@ -150,14 +156,14 @@ def train(cfg: Config, progress: Optional[bool] = None) -> dict:
     progress = cfg.train.progress if progress is None else progress
     t0 = time.time()
     seed_everything(cfg.train.seed)
-    spec = losses.get(cfg.loss.name)
+    spec = config_mod.resolve_loss(cfg.loss)
     path = load.resolve(cfg.model.name)
     tokenizer = load.load_tokenizer(path, cfg.model.revision, cfg.model.trust_remote_code)
     train_examples, eval_examples, _ = load_examples(cfg, tokenizer, spec, progress)
 
     bf16 = use_bf16(cfg.train.bf16)
     model = build_model(cfg, path)
-    collator = Collator(tokenizer.pad_token_id, prefix_sharing=cfg.train.prefix_sharing)
+    collator = make_collator(cfg, tokenizer)
 
     ref_model = None
     if spec.needs_reference:

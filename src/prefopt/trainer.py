@@ -20,26 +20,43 @@ from .modeling.logprobs import sequence_logps
 
 def reference_logps(model, batch: dict, ref_model=None, chunk: int = 1024) -> torch.Tensor:
     """Reference log-probs of a batch: precomputed, a frozen copy, or the policy with its adapter off."""
+    return reference_outputs(model, batch, ref_model, chunk)["logps"]
+
+
+def reference_outputs(model, batch: dict, ref_model=None, chunk: int = 1024) -> dict:
+    """{"logps"} of the reference (and "prefix_logps" when the batch flags LD-DPO prefixes):
+    precomputed, a frozen copy, or the policy with its adapter off."""
     if "ref_logps" in batch:
-        return batch["ref_logps"]
+        out = {"logps": batch["ref_logps"]}
+        if "ref_prefix_logps" in batch:
+            out["prefix_logps"] = batch["ref_prefix_logps"]
+        return out
     with torch.no_grad():
         if ref_model is not None:
-            return sequence_logps(ref_model, batch, chunk)["logps"]
+            return sequence_logps(ref_model, batch, chunk)
         base = model.module if hasattr(model, "module") and not hasattr(model, "disable_adapter") else model
         if not hasattr(base, "disable_adapter"):
             raise RuntimeError("no reference: give ref_model, precomputed ref_logps, or a peft model")
         with base.disable_adapter():
-            return sequence_logps(model, batch, chunk)["logps"]
+            return sequence_logps(model, batch, chunk)
 
 
 class PreferenceTrainer(Trainer):
+    """`ld_alpha` (LD-DPO; None = off) and `wpo` (WPO pair weights) modify a paired loss: the
+    batches must then come from a Collator built with ld_prefix=True (and, with precomputed
+    reference log-probs, carry ref_prefix_logps)."""
+
     def __init__(self, *args, loss: losses.LossSpec, loss_kwargs: dict, ref_model=None,
-                 lm_head_chunk: int = 1024, **kwargs):
+                 lm_head_chunk: int = 1024, ld_alpha: Optional[float] = None, wpo: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        if (ld_alpha is not None or wpo) and not loss.paired:
+            raise ValueError(f"ld_alpha / wpo modify paired losses; '{loss.name}' is unpaired")
         self.loss_spec = loss
         self.loss_kwargs = dict(loss_kwargs)
         self.ref_model = ref_model
         self.lm_head_chunk = lm_head_chunk
+        self.ld_alpha = ld_alpha
+        self.wpo = bool(wpo)
         self.loss_state = losses.BCOState() if loss.stateful else None
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         # Our loss is a mean over the pairs of a micro-batch: the Trainer must divide by the number
@@ -49,25 +66,43 @@ class PreferenceTrainer(Trainer):
         if ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
+    def _ld(self, out: dict) -> torch.Tensor:
+        """LD-DPO log-probs: prefix + ld_alpha·excess (the plain sums when LD-DPO is off)."""
+        if self.ld_alpha is None:
+            return out["logps"]
+        if "prefix_logps" not in out:
+            raise RuntimeError("LD-DPO (ld_alpha) needs batches from a Collator built with ld_prefix=True "
+                               "(and precomputed reference log-probs with ref_prefix_logps)")
+        prefix = out["prefix_logps"].to(out["logps"].dtype)
+        return losses.ld_logps(prefix, out["logps"] - prefix, self.ld_alpha)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = sequence_logps(model, inputs, self.lm_head_chunk)
+        out = sequence_logps(model, inputs, self.lm_head_chunk, sq_mass=self.wpo)
         # Sequences come in twos — (chosen, rejected) for pairs, (completion, mismatched completion
         # for the KL baseline) for KTO — or alone (an unpaired completion without KL baseline).
         K = 2 if self.loss_spec.paired else out["logps"].shape[0] // inputs["labels_bool"].shape[0]
         ref = None
         if self.loss_spec.needs_reference:
-            ref = reference_logps(model, inputs, self.ref_model, self.lm_head_chunk).to(out["logps"].dtype)
+            ref_out = reference_outputs(model, inputs, self.ref_model, self.lm_head_chunk)
+            ref = self._ld(ref_out).to(out["logps"].dtype)
+        logps = self._ld(out)
 
         def split(x):
             return (None, None) if x is None else (x[0::K], x[1::K] if K == 2 else None)
 
-        (logp_a, logp_b), (len_a, len_b), (ref_a, ref_b) = split(out["logps"]), split(out["lengths"]), split(ref)
+        (logp_a, logp_b), (len_a, len_b), (ref_a, ref_b) = split(logps), split(out["lengths"]), split(ref)
         extra = {"state": self.loss_state} if self.loss_spec.stateful else {}
         beta = self.loss_kwargs.get("beta") or 1.0
+        weights = None
         if self.loss_spec.paired:
             per_example = self.loss_spec.fn(logp_a, logp_b, ref_a, ref_b, len_c=len_a, len_r=len_b,
                                             **self.loss_kwargs, **extra)
             stats = self._pair_stats(beta, logp_a, logp_b, ref_a, ref_b, len_a, len_b)
+            if self.wpo:  # the policy's own (plain, not LD) per-token probabilities, weight-aligned
+                raw_c, raw_r = split(out["logps"])
+                sq_c, sq_r = split(out["sq_mass"])
+                weights = losses.wpo_weights(raw_c, raw_r, len_a, len_b, sq_mass_c=sq_c, sq_mass_r=sq_r)
+                stats["wpo/weights"] = weights
         else:
             label = inputs["labels_bool"]
             kl_logp, kl_ref = logp_b, ref_b
@@ -77,13 +112,19 @@ class PreferenceTrainer(Trainer):
             per_example = self.loss_spec.fn(logp_a, ref_a, label, kl_logp=kl_logp, kl_ref_logp=kl_ref,
                                             len=len_a, **self.loss_kwargs, **extra)
             stats = self._unpaired_stats(beta, label, logp_a, ref_a, logp_b, ref_b)
-        loss = per_example.mean()
-        split = "train" if model.training else "eval"
+        loss = (per_example if weights is None else weights * per_example).mean()
+        split_name = "train" if model.training else "eval"
         for k, v in stats.items():
             v = self.accelerator.gather_for_metrics(v.detach().float())
             if v.numel():  # a batch may hold no desirable (or no undesirable) example
-                self._metrics[split][k].append(v.mean().item())
-        return (loss, out) if return_outputs else loss
+                self._metrics[split_name][k].append(v.mean().item())
+        if return_outputs:
+            # what the loss saw, for inspection: the (LD-modified) log-probs, the per-example losses
+            # and the WPO weights (None when off)
+            out = {**out, "loss_logps": logps.detach(), "loss_ref_logps": None if ref is None else ref.detach(),
+                   "per_example": per_example.detach(), "wpo_weights": weights}
+            return loss, out
+        return loss
 
     @staticmethod
     @torch.no_grad()

@@ -11,6 +11,10 @@ for padding) and branch id (0 prompt, k for response k). `logprobs.py` builds th
 from these. Scored tokens are listed flat: the index of the hidden state that predicts it
 (`score_src`, into the flattened rows), the token (`score_tgt`) and its sequence (`score_seq`,
 example i's response k is sequence i·K + k − 1).
+
+For LD-DPO (`ld_prefix=True`, pairs only) the batch also flags each scored token that lies within
+its pair's shared length l_p = min(len_c, len_r) (`score_prefix`, bool, one per scored token), so
+the engine can sum the prefix log-probs separately; off by default (no extra work).
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ def row_length(example: dict, prefix_sharing: bool = True) -> int:
 class Collator:
     """Callable for a DataLoader: list of examples -> batch dict of tensors."""
 
-    def __init__(self, pad_token_id: int, prefix_sharing: bool = True, pad_to_multiple_of: int = 1):
+    def __init__(self, pad_token_id: int, prefix_sharing: bool = True, pad_to_multiple_of: int = 1,
+                 ld_prefix: bool = False):
         self.pad = pad_token_id
         self.prefix_sharing = prefix_sharing
         self.multiple = pad_to_multiple_of
+        self.ld_prefix = ld_prefix  # emit `score_prefix` (position within response < min(len_c, len_r))
 
     def _rows(self, examples):
         """Yield (doc, [(branch, ids, scored_seq or None), ...]) for each row."""
@@ -65,7 +71,13 @@ class Collator:
         doc_ids = torch.full((R, T), -1, dtype=torch.long)
         branch_ids = torch.zeros((R, T), dtype=torch.long)
         src, tgt, seq = [], [], []
+        ld = self.ld_prefix
+        if ld and "chosen_ids" not in examples[0]:
+            raise ValueError("ld_prefix (LD-DPO's shared-length split) needs pairs (chosen_ids, rejected_ids)")
+        prefix: list[bool] = []
         for r, (doc, segs) in enumerate(rows):
+            if ld:
+                shared = min(len(examples[doc]["chosen_ids"]), len(examples[doc]["rejected_ids"]))
             t = 0
             prompt_len = len(segs[0][1])
             for branch, ids, s in segs:
@@ -84,6 +96,9 @@ class Collator:
                     src.extend(range(r * T + t, r * T + t + n - 1))
                     tgt.extend(ids)
                     seq.extend([s] * n)
+                    if ld:
+                        k = min(n, shared)
+                        prefix.extend([True] * k + [False] * (n - k))
                 t += n
             position_ids[r, t:] = torch.arange(T - t)  # padding: own positions, never NaN
         K = len(responses_of(examples[0]))
@@ -97,8 +112,11 @@ class Collator:
             "score_seq": torch.tensor(seq, dtype=torch.long),
             "n_seqs": torch.tensor(len(examples) * K),
         }
-        if "ref_logps" in examples[0]:
-            batch["ref_logps"] = torch.tensor([v for ex in examples for v in ex["ref_logps"]], dtype=torch.float32)
+        if ld:
+            batch["score_prefix"] = torch.tensor(prefix, dtype=torch.bool)
+        for key in ("ref_logps", "ref_prefix_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([v for ex in examples for v in ex[key]], dtype=torch.float32)
         if "label" in examples[0]:
             batch["labels_bool"] = torch.tensor([bool(ex["label"]) for ex in examples])
         return batch

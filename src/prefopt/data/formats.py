@@ -249,6 +249,8 @@ def load_pairs(source: str, split: str = "train", limit: Optional[int] = None) -
     error naming it."""
     pairs: list = []
     shape = None
+    if limit is not None and limit < 1:
+        raise PrefoptError(f"data.limit must be >= 1, found {limit}.")
     for where, record in read_records(source, split):
         if shape is None:
             shape = recognise(record, where)

@@ -125,7 +125,7 @@ class PairTokenizer:
             self.stats.truncated += 1
             if len(p) > self.max_prompt_length:
                 keep = self.max_prompt_length
-                p = ([self.bos] + p[-(keep - 1):]) if self.bos is not None and p[0] == self.bos else p[-keep:]
+                p = ([self.bos] + p[len(p) - (keep - 1):]) if self.bos is not None and p[0] == self.bos else p[-keep:]
             budget = self.max_length - len(p)
             responses = [r[:budget] for r in responses]
         return p, responses

@@ -44,28 +44,46 @@ def attention_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor, boolean: boo
     return torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                 sq_mass: bool = False):
     logits = F.linear(hidden, weight, bias).float()
-    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    logp = logits.log_softmax(-1)
+    tok = logp.gather(-1, targets[:, None]).squeeze(-1)
+    if not sq_mass:
+        return tok
+    with torch.no_grad():  # log Σ_v π(v|·)², for WPO's weight alignment; never differentiated
+        sq = torch.logsumexp(2 * logp.detach(), -1)
+    return tok, sq
 
 
-def token_logps(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """log p(targets[n] | hidden[n]) for N positions, at most `chunk` rows of logits at a time."""
+def token_logps(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, chunk: int = 1024,
+                sq_mass: bool = False):
+    """log p(targets[n] | hidden[n]) for N positions, at most `chunk` rows of logits at a time.
+
+    With `sq_mass`, also return log Σ_v p(v | hidden[n])² per position (detached), computed from the
+    same chunk of logits: (token log-probs, squared-mass log) as a tuple."""
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
     if chunk <= 0 or hidden.shape[0] <= chunk:
-        return _token_logps(hidden, weight, bias, targets)
+        return _token_logps(hidden, weight, bias, targets, sq_mass)
     out = []
     for s in range(0, hidden.shape[0], chunk):
         h, t = hidden[s:s + chunk], targets[s:s + chunk]
         if torch.is_grad_enabled():
-            out.append(checkpoint(_token_logps, h, weight, bias, t, use_reentrant=False))
+            out.append(checkpoint(_token_logps, h, weight, bias, t, sq_mass, use_reentrant=False))
         else:
-            out.append(_token_logps(h, weight, bias, t))
+            out.append(_token_logps(h, weight, bias, t, sq_mass))
+    if sq_mass:
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
     return torch.cat(out)
 
 
-def sequence_logps(model, batch: dict, chunk: int = 1024) -> dict:
-    """Run `model` on a collated batch; return per-sequence `logps` (sum), `lengths`, `mean_logps`."""
+def sequence_logps(model, batch: dict, chunk: int = 1024, sq_mass: bool = False) -> dict:
+    """Run `model` on a collated batch; return per-sequence `logps` (sum), `lengths`, `mean_logps`.
+
+    Also, only when asked: `prefix_logps`, the sum over the tokens flagged in `batch["score_prefix"]`
+    (a collator built with `ld_prefix=True` flags each response's first min(len_c, len_r) tokens,
+    for LD-DPO), and with `sq_mass=True` `sq_mass` = Σ_t log Σ_v π(v | prefix_t)² per sequence
+    (detached; WPO's weight alignment), computed inside the chunked lm-head."""
     causal_lm = unwrap(model)
     decoder = causal_lm.get_decoder()
     lm_head = causal_lm.get_output_embeddings()
@@ -85,9 +103,17 @@ def sequence_logps(model, batch: dict, chunk: int = 1024) -> dict:
     finally:
         handle.remove()
     hidden = captured["h"].flatten(0, 1)[batch["score_src"]]
-    tok = token_logps(hidden, lm_head, batch["score_tgt"], chunk)
+    tok = token_logps(hidden, lm_head, batch["score_tgt"], chunk, sq_mass=sq_mass)
+    if sq_mass:
+        tok, sq = tok
     n = int(batch["n_seqs"])
     seq = batch["score_seq"]
     logps = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seq, tok)
     lengths = torch.bincount(seq, minlength=n).to(tok.dtype)
-    return {"logps": logps, "lengths": lengths, "mean_logps": logps / lengths.clamp(min=1)}
+    out = {"logps": logps, "lengths": lengths, "mean_logps": logps / lengths.clamp(min=1)}
+    if "score_prefix" in batch:
+        flag = batch["score_prefix"]
+        out["prefix_logps"] = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seq[flag], tok[flag])
+    if sq_mass:
+        out["sq_mass"] = torch.zeros(n, dtype=sq.dtype, device=sq.device).index_add(0, seq, sq)
+    return out

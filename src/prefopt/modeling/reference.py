@@ -56,6 +56,17 @@ def compute(model, examples: list[dict], collator, *, batch_size: int = 8, chunk
             autocast_dtype: Optional[torch.dtype] = None, progress: bool = True,
             desc: str = "reference log-probs") -> torch.Tensor:
     """[len(examples), K] summed log-probs of every response under `model` with any adapter off."""
+    return compute_all(model, examples, collator, batch_size=batch_size, chunk=chunk,
+                       autocast_dtype=autocast_dtype, progress=progress, desc=desc)["ref_logps"]
+
+
+@torch.no_grad()
+def compute_all(model, examples: list[dict], collator, *, batch_size: int = 8, chunk: int = 1024,
+                autocast_dtype: Optional[torch.dtype] = None, progress: bool = True,
+                desc: str = "reference log-probs") -> dict:
+    """{"ref_logps": [len(examples), K]} summed log-probs of every response under `model` with any
+    adapter off; with a collator built with `ld_prefix=True` also "ref_prefix_logps" (the sums over
+    each response's first min(len_c, len_r) tokens, for LD-DPO)."""
     from tqdm.auto import tqdm
 
     from ..data.collate import responses_of, row_length
@@ -65,7 +76,10 @@ def compute(model, examples: list[dict], collator, *, batch_size: int = 8, chunk
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: row_length(examples[i], collator.prefix_sharing))
     K = len(responses_of(examples[0]))
-    out = torch.zeros(len(examples), K, dtype=torch.float64)
+    keys = {"ref_logps": "logps"}
+    if getattr(collator, "ld_prefix", False):
+        keys["ref_prefix_logps"] = "prefix_logps"
+    out = {k: torch.zeros(len(examples), K, dtype=torch.float64) for k in keys}
     bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress)
     try:
         with _disabled_adapter(model):
@@ -74,8 +88,9 @@ def compute(model, examples: list[dict], collator, *, batch_size: int = 8, chunk
                 batch = {k: v.to(device) for k, v in collator([examples[i] for i in idx]).items()}
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                     enabled=autocast_dtype is not None):
-                    logps = sequence_logps(model, batch, chunk)["logps"]
-                out[idx] = logps.double().cpu().view(len(idx), K)
+                    res = sequence_logps(model, batch, chunk)
+                for k, src in keys.items():
+                    out[k][idx] = res[src].double().cpu().view(len(idx), K)
                 bar.update(len(idx))
     finally:
         bar.close()
@@ -85,33 +100,38 @@ def compute(model, examples: list[dict], collator, *, batch_size: int = 8, chunk
 
 def precompute(model, examples: list[dict], collator, *, cache_dir: Optional[Path], batch_size: int,
                chunk: int, autocast_dtype: Optional[torch.dtype], progress: bool = True) -> None:
-    """Attach `ref_logps` (a list of K floats) to every example, from the disk cache when valid."""
+    """Attach `ref_logps` (a list of K floats) to every example, from the disk cache when valid;
+    with a collator built with `ld_prefix=True` (LD-DPO) also `ref_prefix_logps`."""
     if not examples:
         return
+    ld = getattr(collator, "ld_prefix", False)
+    names = ("ref_logps", "ref_prefix_logps") if ld else ("ref_logps",)
     path = None
     if cache_dir is not None:
         key = data_fingerprint(
             examples, f"{weights_fingerprint(model)}|{collator.prefix_sharing}|{autocast_dtype}|{chunk}"
+            + ("|ld_prefix" if ld else "")  # unchanged key (and cache files) when LD-DPO is off
         )
         path = Path(cache_dir) / f"{key}.safetensors"
     values = None
     if path is not None and path.is_file():
         from safetensors.torch import load_file
 
-        values = load_file(str(path))["ref_logps"]
-        if values.shape[0] != len(examples):
+        values = load_file(str(path))
+        if any(k not in values or values[k].shape[0] != len(examples) for k in names):
             values = None
         else:
             log.info("reference log-probs: reusing %s", path)
     if values is None:
-        values = compute(model, examples, collator, batch_size=batch_size, chunk=chunk,
-                         autocast_dtype=autocast_dtype, progress=progress)
+        values = compute_all(model, examples, collator, batch_size=batch_size, chunk=chunk,
+                             autocast_dtype=autocast_dtype, progress=progress)
         if path is not None:
             from safetensors.torch import save_file
 
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            save_file({"ref_logps": values}, str(tmp))
+            save_file({k: values[k].contiguous() for k in names}, str(tmp))
             tmp.replace(path)
-    for ex, v in zip(examples, values.tolist()):
-        ex["ref_logps"] = v
+    for k in names:
+        for ex, v in zip(examples, values[k].tolist()):
+            ex[k] = v

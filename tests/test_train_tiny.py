@@ -1,0 +1,85 @@
+"""prefopt.train.train in-process on the tiny model: settings that must not change the maths
+(precomputed vs on-the-fly reference, gradient accumulation, activation checkpointing) give the
+same per-step metrics; evaluation metrics are logged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prefopt import config
+from prefopt.train import train
+
+PAIRS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" {2 * i}.",
+          "rejected": f" I do not know, maybe {i + 1} or so."} for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-train") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    return path
+
+
+def run(tiny_dir, pairs_file, tmp_path, name, **sections) -> list[dict]:
+    raw = {
+        "model": {"name": tiny_dir},
+        "data": {"train": str(pairs_file), "max_length": 64, "max_prompt_length": 32},
+        "reference": {"cache_dir": str(tmp_path / "ref-cache")},
+        "train": {"output_dir": str(tmp_path / name), "max_steps": 3, "batch_size": 2, "lr": 1e-2,
+                  "warmup_ratio": 0.0, "progress": False, "seed": 0},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    summary = train(config.from_dict(raw))
+    assert summary["steps"] == raw["train"]["max_steps"]
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return rows
+
+
+def train_rows(rows):
+    return [r for r in rows if "loss" in r]
+
+
+def same_metrics(a, b, keys=("loss", "grad_norm", "rewards/margins", "rewards/chosen", "logps/rejected")):
+    a, b = train_rows(a), train_rows(b)
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        for k in keys:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (k, ra, rb)
+    # and the model did move: otherwise equal metrics would prove nothing
+    assert abs(a[-1]["rewards/margins"]) > 1e-3
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_precomputed_reference_equals_on_the_fly(tiny_dir, pairs_file, tmp_path, lora):
+    lora_cfg = {"enabled": lora, "r": 4}
+    a = run(tiny_dir, pairs_file, tmp_path, "pre", lora=lora_cfg)
+    b = run(tiny_dir, pairs_file, tmp_path, "fly", lora=lora_cfg, reference={"precompute": False})
+    same_metrics(a, b, keys=("loss", "grad_norm", "rewards/margins", "logps/ref_chosen", "logps/ref_rejected"))
+    assert train_rows(a)[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+
+
+def test_grad_accum_equals_bigger_batch(tiny_dir, pairs_file, tmp_path):
+    a = run(tiny_dir, pairs_file, tmp_path, "b2")
+    b = run(tiny_dir, pairs_file, tmp_path, "b1x2", train={"batch_size": 1, "grad_accum": 2})
+    same_metrics(a, b)
+
+
+def test_gradient_checkpointing_with_lora_still_trains(tiny_dir, pairs_file, tmp_path):
+    a = run(tiny_dir, pairs_file, tmp_path, "plain", lora={"enabled": True, "r": 4})
+    b = run(tiny_dir, pairs_file, tmp_path, "gc", lora={"enabled": True, "r": 4},
+            train={"gradient_checkpointing": True})
+    same_metrics(a, b)
+
+
+def test_eval_metrics(tiny_dir, pairs_file, tmp_path):
+    rows = run(tiny_dir, pairs_file, tmp_path, "eval", data={"eval_fraction": 0.25}, train={"eval_steps": 1})
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals][:3] == [1, 2, 3]
+    for r in evals:
+        for k in ("eval_rewards/margins", "eval_rewards/accuracies", "eval_logps/chosen"):
+            assert k in r
+    # training metrics are not mixed into evaluation rows, nor the other way round
+    assert all(not any(k.startswith("eval_") for k in r) for r in train_rows(rows))
