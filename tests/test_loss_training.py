@@ -198,8 +198,8 @@ def setup(tiny_dir, data_files):
     """(tokenizer, reference model, policy model = a perturbed copy, tokenized pair examples)."""
     tok = load.load_tokenizer(tiny_dir)
     ref_model = load.load_model(tiny_dir, dtype="float32").eval()
-    with torch.no_grad():  # peakier next-token distributions: WPO weights well below their cap
-        ref_model.model.norm.weight.mul_(40.0)
+    with torch.no_grad():  # peakier next-token distributions: WPO weights well below their cap, but
+        ref_model.model.norm.weight.mul_(5.0)  # not vanishing (w ≈ 0.4; without the alignment w ≈ 1e-9)
     policy = copy.deepcopy(ref_model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -300,8 +300,8 @@ def test_wpo_weights_match_full_logits(tiny_dir, data_files, setup, tmp_path):
             means.append((tok - sq).mean())
     means = torch.stack(means)
     w = torch.exp(means[0::2] + means[1::2]).clamp(max=1.0)
-    assert (w < 0.9).any()  # not all at the cap: the check means something
-    torch.testing.assert_close(out["wpo_weights"], w, atol=1e-4, rtol=1e-4)
+    assert (w < 0.9).all() and (w > 0.05).all()  # neither capped nor vanishing: the check means something
+    torch.testing.assert_close(out["wpo_weights"], w, atol=1e-6, rtol=1e-4)
 
     pol = direct_sums(policy, examples, prefix_only=False)
     ref = direct_sums(ref_model, examples, prefix_only=False)

@@ -277,7 +277,7 @@ def test_label_noise_rdpo_vs_dpo_vs_cdpo():
     pi_c = lbfgs(paired_population(losses.get("sigmoid"), p=p, beta=BETA, label_smoothing=NOISE))
     d_r, d_d, d_c = kl(PI_STAR, pi_r), kl(PI_STAR, pi_d), kl(PI_STAR, pi_c)
     ROWS.append((f"robust ε={NOISE} noisy labels", f"{d_r:.1e}", "reaches the clean π*"))
-    ROWS.append((f"sigmoid (DPO) noisy labels", f"{d_d:.3f}", f"misses π*: {fmt(pi_d)} vs {fmt(PI_STAR)}"))
+    ROWS.append(("sigmoid (DPO) noisy labels", f"{d_d:.3f}", f"misses π*: {fmt(pi_d)} vs {fmt(PI_STAR)}"))
     ROWS.append((f"sigmoid ε={NOISE} (cDPO) noisy", f"{d_c:.3f}", "misses π* (smooths twice)"))
     assert d_r < 1e-3 and d_r < 1e-9
     assert d_d > 0.05 and d_c > 0.05

@@ -21,14 +21,12 @@ from pathlib import Path
 
 import torch
 
-from . import losses
-from .config import Config, LoraConfig, LossConfig, TrainConfig, validate
-from .data.collate import Collator
+from .config import Config, LoraConfig, LossConfig, TrainConfig, resolve_loss, validate
 from .modeling import load, reference
 from .sampling import response_logps, sample
 from .tasks.sentiment import prompts as review_prompts
 from .tasks.sentiment import vader_reward
-from .train import make_trainer, seed_everything, use_bf16
+from .train import make_collator, make_trainer, seed_everything, use_bf16
 
 log = logging.getLogger("prefopt")
 
@@ -96,14 +94,14 @@ def run_demo(out: str = "runs/demo", seed: int = 0, quick: bool = False, setting
     t = time.time()
     bf16 = use_bf16("auto")
     autocast = torch.bfloat16 if bf16 else None
-    collator = Collator(tokenizer.pad_token_id, prefix_sharing=True)
-    reference.precompute(model, examples, collator, cache_dir=None, batch_size=32, chunk=1024,
-                         autocast_dtype=autocast, progress=True)
     cfg = Config(loss=LossConfig(name="sigmoid", beta=s.beta),
                  train=TrainConfig(output_dir=str(out_dir), epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
                                    warmup_ratio=0.1, seed=seed, logging_steps=1))
     validate(cfg, "demo")
-    trainer = make_trainer(cfg, losses.get("sigmoid"), model, tokenizer, collator, examples, [], bf16)
+    collator = make_collator(cfg, tokenizer)
+    reference.precompute(model, examples, collator, cache_dir=None, batch_size=32, chunk=cfg.train.lm_head_chunk,
+                         autocast_dtype=autocast, progress=True)
+    trainer = make_trainer(cfg, resolve_loss(cfg.loss), model, tokenizer, collator, examples, [], bf16)
     trainer.train()
     trainer.save_model(str(out_dir))
     times["train"] = time.time() - t

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import PrefoptError
-from .formats import Pair, Unpaired
+from .formats import Unpaired
 
 log = logging.getLogger("prefopt")
 
