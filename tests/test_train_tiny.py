@@ -83,3 +83,18 @@ def test_eval_metrics(tiny_dir, pairs_file, tmp_path):
             assert k in r
     # training metrics are not mixed into evaluation rows, nor the other way round
     assert all(not any(k.startswith("eval_") for k in r) for r in train_rows(rows))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_bf16_first_step_policy_equals_precomputed_reference(tiny_dir, pairs_file, tmp_path, lora):
+    """With bf16 autocast the reference is precomputed under autocast while the Trainer autocasts
+    only the model's own forward: the first step (before any update) must still see policy ==
+    reference exactly — loss ln 2, zero margins — or every implicit reward is offset by noise."""
+    import math
+
+    rows = train_rows(run(tiny_dir, pairs_file, tmp_path, f"bf16-{lora}", lora={"enabled": lora, "r": 4},
+                          train={"bf16": True}))
+    first = rows[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/margins"] == 0 and first["logps/chosen"] == first["logps/ref_chosen"]
+    assert abs(rows[-1]["rewards/margins"]) > 1e-3  # and it trains

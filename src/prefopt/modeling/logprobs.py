@@ -46,7 +46,11 @@ def attention_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor, boolean: boo
 
 def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                  sq_mass: bool = False):
-    logits = F.linear(hidden, weight, bias).float()
+    # The lm-head runs in float32 whatever the surrounding autocast: log-probs then do not depend on
+    # whether the caller's autocast covers this function (it covers the reference precompute but, in
+    # the Trainer, only the model's own forward), so policy and reference log-probs stay comparable.
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
     logp = logits.log_softmax(-1)
     tok = logp.gather(-1, targets[:, None]).squeeze(-1)
     if not sq_mass:
