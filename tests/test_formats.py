@@ -226,9 +226,9 @@ def test_nonexistent_path(tmp_path):
 
 
 def test_unknown_extension_and_plain_folder(tmp_path):
-    path = tmp_path / "pairs.csv"
+    path = tmp_path / "pairs.txt"
     path.write_text("prompt,chosen,rejected\na,b,c\n")
-    raises(path, str(path), ".csv")
+    raises(path, str(path), ".txt", ".csv")
     folder = tmp_path / "folder"
     folder.mkdir()
     raises(folder, str(folder), "save_to_disk")

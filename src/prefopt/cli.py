@@ -1,6 +1,8 @@
-"""`prefopt` command line: train | demo.
+"""`prefopt` command line: train | data check | demo.
 
     prefopt train CONFIG.yaml [--section.key value ...]   dotted flags override the YAML
+    prefopt data check PATH [--config CONFIG.yaml] [--json] [--section.key value ...]
+                                                          what is in a data file, what is wrong with it
     prefopt demo [--out DIR]                              the offline controlled-sentiment demo
 
 Bad input (config, data, model path) prints one paragraph naming the file/line or key and exits
@@ -26,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a YAML config; --section.key value overrides it")
     t.add_argument("config", nargs="?", help="YAML config file (optional when every key is given as a flag)")
     t.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
+    data = sub.add_parser("data", help="inspect preference data").add_subparsers(dest="data_command", required=True)
+    c = data.add_parser("check", help="report shape, counts, token lengths and problems of a data file; exit 2 "
+                        "when it is not usable")
+    c.add_argument("path", help="data file, save_to_disk folder or hub id")
+    c.add_argument("--config", help="YAML config whose model (tokenizer) and data options apply")
+    c.add_argument("--json", action="store_true", help="print the report as one JSON object")
     d = sub.add_parser("demo", help="offline controlled-sentiment DPO demo on the embedded model")
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     d.add_argument("--seed", type=int, default=0)
@@ -40,8 +48,11 @@ def main(argv=None) -> int:
     argv = [a for a in argv if a != "--debug"]
     if argv[:1] == ["train"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] not in ("--help", "-h"):
         argv.insert(1, "")  # no config file: every key comes from flags
-    args = parser.parse_args(argv)
-    rest = getattr(args, "overrides", [])
+    if argv[:2] == ["data", "check"]:
+        args, rest = parser.parse_known_args(argv)
+    else:
+        args = parser.parse_args(argv)
+        rest = getattr(args, "overrides", [])
     logging.basicConfig(level=logging.INFO, format="prefopt: %(message)s", stream=sys.stderr)
     from .errors import PrefoptError
 
@@ -54,6 +65,8 @@ def main(argv=None) -> int:
             summary = train(cfg)
             print(f"trained {summary['steps']} steps; model saved in {summary['output_dir']}")
             return 0
+        if args.command == "data":
+            return _data_check(args, rest)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -68,6 +81,20 @@ def main(argv=None) -> int:
         print("prefopt: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _data_check(args, overrides: list[str]) -> int:
+    import json
+
+    from . import config
+    from .data.check import check, format_report
+    from .modeling import load
+
+    cfg = config.load(args.config, overrides)
+    tokenizer = load.load_tokenizer(load.resolve(cfg.model.name), cfg.model.revision, cfg.model.trust_remote_code)
+    report = check(args.path, cfg.data, tokenizer, tokenizer_name=cfg.model.name)
+    print(json.dumps(report, ensure_ascii=False) if args.json else format_report(report))
+    return 0 if report["usable"] else 2
 
 
 if __name__ == "__main__":

@@ -55,6 +55,14 @@ class DataConfig:
     max_prompt_length: int = 256  # when a pair exceeds max_length, its prompt is cut to this first
     truncation: str = "keep_end"  # prompt keeps its end, responses their start | "drop" the pair
     chat_template: str = "auto"  # auto: template for conversational data, raw text for strings
+    shape: str = "auto"  # auto (recognised from the fields) | standard | conversational | implicit |
+    #                      sharegpt | unpaired | ratings
+    fields: dict = field(default_factory=dict)  # rename the file's fields: {prompt: instruction, ...}
+    ratings_rule: str = "best_vs_worst"  # rated completions -> pairs: best_vs_worst | best_vs_random | all_pairs
+    ratings_min_gap: float = 0.0  # a rated pair needs score(chosen) - score(rejected) > this
+    user_marker: str = "\n\nHuman:"  # turn markers of implicit-prompt string transcripts (HH-RLHF)
+    assistant_marker: str = "\n\nAssistant:"
+    on_bad_record: str = "error"  # error: stop at the first unusable record | skip: skip it, counted
 
 
 @dataclass
@@ -320,6 +328,16 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("data.max_prompt_length", f"({cfg.data.max_prompt_length}) must be below data.max_length ({cfg.data.max_length}).")
     if cfg.data.limit is not None and cfg.data.limit < 1:
         bad("data.limit", f"must be >= 1 (or null for all records), found {cfg.data.limit}.")
+    from .data.formats import RATING_RULES, SHAPES
+
+    if cfg.data.shape != "auto" and cfg.data.shape not in SHAPES:
+        bad("data.shape", f"must be auto or one of {', '.join(SHAPES)}, found '{cfg.data.shape}'.")
+    if cfg.data.ratings_rule not in RATING_RULES:
+        bad("data.ratings_rule", f"must be one of {', '.join(RATING_RULES)}, found '{cfg.data.ratings_rule}'.")
+    if cfg.data.on_bad_record not in ("error", "skip"):
+        bad("data.on_bad_record", f"must be error or skip, found '{cfg.data.on_bad_record}'.")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in cfg.data.fields.items()):
+        bad("data.fields", f"must map field names to field names, found {cfg.data.fields}.")
     if cfg.data.max_prompt_length < 1:
         bad("data.max_prompt_length", f"must be >= 1, found {cfg.data.max_prompt_length}.")
     if not 0 <= cfg.train.warmup_ratio < 1:

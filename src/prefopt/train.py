@@ -14,7 +14,7 @@ from . import config as config_mod
 from . import losses
 from .config import Config
 from .data.collate import Collator
-from .data.formats import load_pairs
+from .data import formats
 from .data.tokenize import attach_kl_completions, tokenize_pairs
 from .errors import PrefoptError
 from .modeling import load, reference
@@ -44,15 +44,15 @@ def load_examples(cfg: Config, tokenizer, spec: losses.LossSpec, progress: bool 
     d = cfg.data
     if d.train is None:
         raise PrefoptError("config: 'data.train' is not set; give a file, a save_to_disk folder or a hub id.")
-    pairs, shape = load_pairs(d.train, d.split, d.limit)
-    log.info("%s: %d records, shape %s", d.train, len(pairs), shape)
+    pairs, shape = read_data(d.train, d, d.limit)
     check_shape(spec, shape, d.train)
     kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
               truncation=d.truncation, chat_template=d.chat_template)
     train, stats = tokenize_pairs(pairs, tokenizer, progress=progress, **kw)
     eval_examples: list[dict] = []
     if d.eval:
-        eval_pairs, _ = load_pairs(d.eval, d.split)
+        eval_pairs, eval_shape = read_data(d.eval, d)
+        check_shape(spec, eval_shape, d.eval)
         eval_examples, _ = tokenize_pairs(eval_pairs, tokenizer, **kw)
     elif d.eval_fraction > 0:
         order = list(range(len(train)))
@@ -68,6 +68,16 @@ def load_examples(cfg: Config, tokenizer, spec: losses.LossSpec, progress: bool 
         if eval_examples:
             attach_kl_completions(eval_examples, cfg.train.seed)
     return train, eval_examples, stats
+
+
+def read_data(source: str, d, limit=None) -> tuple[list, str]:
+    """Pairs (or unpaired examples) of `source` read with the config's data options; what was
+    skipped is logged, counted by reason."""
+    loaded = formats.load(source, d.split, limit, formats.options_from(d))
+    log.info("%s: %s", source, loaded.report())
+    for reason, message in loaded.examples.items():
+        log.warning("skipped %d record(s): %s; the first: %s", loaded.skipped[reason], reason, message)
+    return loaded.items, loaded.shape
 
 
 KL_BASELINE_LOSSES = ("kto",)  # unpaired losses that use the mismatched-completion KL estimate z0

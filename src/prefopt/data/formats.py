@@ -1,23 +1,43 @@
 """Read preference records from files, folders or the hub; recognise their shape; normalise.
 
-Every record comes out as a plain dict plus `where` ("file line 7", "file record 3") so that any
-later error can name its origin. Shapes recognised:
+Every record comes out as a Pair or an Unpaired carrying `where` ("file line 7", "file record 3")
+so that any later error can name its origin. Shapes, recognised from a record's fields:
 
     standard        {"prompt": str, "chosen": str, "rejected": str}
     conversational  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
                     (a message is {"role": system|user|assistant|tool, "content": str})
-
+    implicit        {"chosen": transcript, "rejected": transcript}, no prompt: two whole
+                    transcripts (strings with "\\n\\nHuman:"/"\\n\\nAssistant:" turns, as in
+                    HH-RLHF, or message lists) sharing a prefix; the prompt is their longest common
+                    prefix that ends at a turn boundary, and they must differ only in the last turn
+    sharegpt        {"conversations": [{"from": human|gpt|system|..., "value": str}],
+                     "chosen": {"from": "gpt", "value": str}, "rejected": {...}}
     unpaired        {"prompt": str | [messages], "completion": str | [messages], "label": bool}
                     {"messages": [..., assistant message], "label": bool}
+                    {"conversations": [..., gpt message], "label": bool}
+    ratings         {"prompt": str | [messages], "completions": [{"response": str, "score": num}, ...]}
+                    or {"prompt", "responses": [str, ...], "scores": [num, ...]}: turned into pairs by
+                    a rule (best_vs_worst, best_vs_random, all_pairs) and a minimum score gap
 
-The first two normalise to a Pair (`Pair.conversational` says which), unpaired records to an
-Unpaired (label True = desirable), for KTO/BCO.
+The paired shapes normalise to Pair (`Pair.conversational` says which), unpaired records to Unpaired
+(label True = desirable), for KTO/BCO. `data.fields` renames a file's fields to these names.
+
+Containers: JSONL, JSON (an array, or {"data": [...]}), CSV (a header row; cells holding JSON lists
+or objects are decoded; label cells true/false/1/0/yes/no), Parquet, a `datasets.save_to_disk`
+folder, a hub dataset id.
+
+A record that cannot be used is an error naming it, or with `on_bad_record="skip"` it is skipped and
+counted by reason (`Loaded.skipped`). A pair whose chosen equals its rejected carries no preference
+and is always skipped, counted.
 """
 
 from __future__ import annotations
 
+import csv
 import json
-from dataclasses import dataclass
+import random
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -25,6 +45,15 @@ from ..errors import PrefoptError
 
 ROLES = ("system", "user", "assistant", "tool")
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
+SHAPES = ("standard", "conversational", "implicit", "sharegpt", "unpaired", "ratings")
+PAIRED_SHAPES = ("standard", "conversational", "implicit", "sharegpt", "ratings")
+RATING_RULES = ("best_vs_worst", "best_vs_random", "all_pairs")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "chatgpt": "assistant", "bard": "assistant", "system": "system",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
+MAX_LINE_BYTES = 16 << 20  # a JSONL line longer than this is refused, not read into memory whole
+TEXT_KEYS = ("response", "text", "completion", "content", "output", "answer")
+SCORE_KEYS = ("score", "rating", "overall_score", "reward")
 
 Messages = list  # list of {"role", "content"}
 
@@ -53,26 +82,88 @@ class Unpaired:
         return isinstance(self.completion, list)
 
 
+@dataclass
+class Options:
+    """How to read a source: the config's `data` keys that concern reading."""
+
+    shape: str = "auto"  # auto | one of SHAPES
+    fields: dict = field(default_factory=dict)  # {prefopt name: the file's field name}
+    ratings_rule: str = "best_vs_worst"
+    ratings_min_gap: float = 0.0  # a pair needs score(chosen) - score(rejected) > this
+    user_marker: str = "\n\nHuman:"  # turn markers of implicit string transcripts
+    assistant_marker: str = "\n\nAssistant:"
+    on_bad_record: str = "error"  # error | skip (counted)
+    seed: int = 0  # for best_vs_random
+
+
+@dataclass
+class Loaded:
+    items: list  # Pair or Unpaired
+    shape: str
+    records: int = 0  # records read (a ratings record may give several pairs, or none)
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    examples: dict = field(default_factory=dict)  # reason -> first message (names the record)
+
+    def skip(self, reason: str, message: str) -> None:
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, message)
+
+    def report(self) -> str:
+        text = f"{self.records} records, shape {self.shape}, {len(self.items)} {'examples' if self.shape == 'unpaired' else 'pairs'}"
+        if self.skipped:
+            text += "; skipped: " + ", ".join(f"{n} {r}" for r, n in self.skipped.most_common())
+        return text
+
+
+class BadRecord(PrefoptError):
+    """One record cannot be used; `reason` is a short category for counting."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class CsvRow(dict):
+    """A record read from CSV: every value was a string cell."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading raw records
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+    n = 0
     with open(path, "rb") as f:
-        n = 0
-        for lineno, raw in enumerate(f, 1):
+        lineno = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            lineno += 1
             where = f"{path} line {lineno}"
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                raise PrefoptError(
+                    f"{where}: the line is longer than {MAX_LINE_BYTES >> 20} MiB; expected one JSON record per "
+                    "line (is this really a JSONL file?).")
+            if b"\x00" in raw:
+                yield where, BadRecord(f"{where}: binary data (NUL bytes), not JSON text; is this a JSONL file?",
+                                       "not UTF-8")
+                n += 1
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise PrefoptError(f"{where}: not UTF-8 text (byte {e.start}); is this a JSONL file?") from None
+                yield where, BadRecord(f"{where}: not UTF-8 text (byte {e.start}); is this a JSONL file?", "not UTF-8")
+                n += 1
+                continue
             if not line.strip():
                 continue
+            n += 1
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise PrefoptError(f"{where}: invalid JSON at column {e.colno}: {e.msg}.") from None
-            n += 1
+                yield where, BadRecord(f"{where}: invalid JSON at column {e.colno}: {e.msg}.", "invalid JSON")
+                continue
             yield where, record
     if n == 0:
         raise PrefoptError(f"{path}: the file holds no records.")
@@ -89,12 +180,54 @@ def _read_json(path: Path) -> Iterator[tuple[str, object]]:
         data = data["data"]
     if not isinstance(data, list):
         raise PrefoptError(
-            f"{path}: expected a JSON array of records (or {{\"data\": [...]}}), found {type(data).__name__}."
+            f"{path}: expected a JSON array of records (or {{\"data\": [...]}}), found {_describe(data)}."
         )
     if not data:
         raise PrefoptError(f"{path}: the file holds no records.")
     for i, record in enumerate(data):
         yield f"{path} record {i}", record
+
+
+def _csv_cell(value: str):
+    """A CSV cell: JSON lists/objects (message lists, completions) are decoded, the rest stay text."""
+    s = value.strip()
+    if s[:1] in ("[", "{"):
+        try:
+            return json.loads(s)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, object]]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PrefoptError(f"{path}: not UTF-8 text (byte {e.start}); is this a CSV file?") from None
+    csv.field_size_limit(MAX_LINE_BYTES)
+    reader = csv.reader(text.splitlines(keepends=True))
+    try:
+        header = next(reader, None)
+        if not header or not any(h.strip() for h in header):
+            raise PrefoptError(f"{path}: expected a header row naming the fields (prompt, chosen, rejected, ...).")
+        header = [h.strip() for h in header]
+        n = 0
+        start = reader.line_num + 1
+        for row in reader:
+            where = f"{path} line {start}"
+            start = reader.line_num + 1
+            if not row or not any(c.strip() for c in row):
+                continue
+            n += 1
+            if len(row) != len(header):
+                yield where, BadRecord(f"{where}: {len(row)} cells, but the header names {len(header)} fields "
+                                       f"({', '.join(header)}).", "wrong number of CSV cells")
+                continue
+            yield where, CsvRow({h: _csv_cell(c) for h, c in zip(header, row)})
+    except csv.Error as e:
+        raise PrefoptError(f"{path} line {reader.line_num}: unreadable CSV: {e}.") from None
+    if n == 0:
+        raise PrefoptError(f"{path}: the file holds no records (only a header).")
 
 
 def _read_dataset(ds, name: str) -> Iterator[tuple[str, object]]:
@@ -105,7 +238,8 @@ def _read_dataset(ds, name: str) -> Iterator[tuple[str, object]]:
 
 
 def read_records(source: str, split: str = "train") -> Iterator[tuple[str, object]]:
-    """Yield (where, record) from a JSONL/JSON/Parquet file, a save_to_disk folder or a hub id."""
+    """Yield (where, record) from a JSONL/JSON/CSV/Parquet file, a save_to_disk folder or a hub id.
+    A record that could not be parsed comes as a BadRecord in place of the record."""
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
@@ -115,11 +249,17 @@ def read_records(source: str, split: str = "train") -> Iterator[tuple[str, objec
             return _read_jsonl(path)
         if suffix == ".json":
             return _read_json(path)
+        if suffix == ".csv":
+            return _read_csv(path)
         if suffix == ".parquet":
             import datasets
 
-            return _read_dataset(datasets.Dataset.from_parquet(str(path)), str(path))
-        raise PrefoptError(f"{path}: unknown file type '{suffix}'; expected .jsonl, .json or .parquet.")
+            try:
+                ds = datasets.Dataset.from_parquet(str(path))
+            except Exception as e:
+                raise PrefoptError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e}).") from None
+            return _read_dataset(ds, str(path))
+        raise PrefoptError(f"{path}: unknown file type '{suffix}'; expected .jsonl, .json, .csv or .parquet.")
     if path.is_dir():
         import datasets
 
@@ -137,7 +277,7 @@ def read_records(source: str, split: str = "train") -> Iterator[tuple[str, objec
         return _read_dataset(ds, str(path))
     # A hub id is "name" or "owner/name"; anything else that does not exist is a missing path.
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
-    if looks_local or source.endswith((".jsonl", ".json", ".parquet")):
+    if looks_local or source.endswith((".jsonl", ".json", ".csv", ".parquet")):
         raise PrefoptError(f"{source}: no such file or folder.")
     import datasets
 
@@ -149,7 +289,7 @@ def read_records(source: str, split: str = "train") -> Iterator[tuple[str, objec
 
 
 # ----------------------------------------------------------------------------------------------
-# Shapes
+# Checks shared by the shapes
 
 
 def _describe(value) -> str:
@@ -157,104 +297,374 @@ def _describe(value) -> str:
         return f"a string ({value[:40]!r}{'…' if len(value) > 40 else ''})"
     if value is None:
         return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
     return f"{type(value).__name__} ({json.dumps(value, default=str)[:60]})"
 
 
-def _check_messages(value, where: str, field: str, *, final_role: Optional[str] = None) -> Messages:
-    if not isinstance(value, list) or not value:
-        raise PrefoptError(f"{where}, field '{field}': expected a non-empty list of messages, found {_describe(value)}.")
-    for k, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise PrefoptError(
-                f"{where}, field '{field}[{k}]': expected a message {{\"role\": ..., \"content\": ...}}, found {_describe(m)}."
-            )
-        if m["role"] not in ROLES:
-            raise PrefoptError(
-                f"{where}, field '{field}[{k}].role': unknown role {m['role']!r}; expected one of {', '.join(ROLES)}."
-            )
-        if not isinstance(m["content"], str):
-            raise PrefoptError(f"{where}, field '{field}[{k}].content': expected a string, found {_describe(m['content'])}.")
-    if final_role and value[-1]["role"] != final_role:
-        raise PrefoptError(
-            f"{where}, field '{field}': the last message must have role '{final_role}', found '{value[-1]['role']}'."
-        )
+def _bad(where: str, field_name: Optional[str], message: str, reason: str) -> BadRecord:
+    loc = f"{where}, field '{field_name}'" if field_name else where
+    return BadRecord(f"{loc}: {message}", reason)
+
+
+def _text(value, where: str, name: str) -> str:
+    if not isinstance(value, str):
+        raise _bad(where, name, f"expected a string, found {_describe(value)}.", "wrong type")
     return value
 
 
+def _response_text(value, where: str, name: str) -> str:
+    _text(value, where, name)
+    if not value.strip():
+        raise _bad(where, name, "the response is empty.", "empty response")
+    return value
+
+
+def _check_messages(value, where: str, name: str, *, final_role: Optional[str] = None,
+                    prompt: bool = False) -> Messages:
+    """A list of {"role", "content"} messages. Turns alternate (system messages first; tool messages
+    answer an assistant turn); a prompt ends with a user or tool turn."""
+    if not isinstance(value, list) or not value:
+        raise _bad(where, name, f"expected a non-empty list of messages, found {_describe(value)}.", "wrong type")
+    previous = None
+    for k, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise _bad(where, f"{name}[{k}]", f"expected a message {{\"role\": ..., \"content\": ...}}, "
+                       f"found {_describe(m)}.", "malformed message")
+        role = m["role"]
+        if role not in ROLES:
+            raise _bad(where, f"{name}[{k}].role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}.",
+                       "unknown role")
+        if not isinstance(m["content"], str):
+            raise _bad(where, f"{name}[{k}].content", f"expected a string, found {_describe(m['content'])}.",
+                       "wrong type")
+        if role == "system" and previous not in (None, "system"):
+            raise _bad(where, f"{name}[{k}].role", "a system message may only open the conversation.",
+                       "non-alternating turns")
+        if role in ("user", "assistant") and role == previous:
+            raise _bad(where, f"{name}[{k}].role", f"two '{role}' turns in a row; user and assistant turns must "
+                       "alternate.", "non-alternating turns")
+        previous = role
+    if final_role and value[-1]["role"] != final_role:
+        raise _bad(where, name, f"the last message must have role '{final_role}', found '{value[-1]['role']}'.",
+                   "wrong final role")
+    if prompt and value[-1]["role"] not in ("user", "tool"):
+        raise _bad(where, name, f"a prompt must end with a user (or tool) turn, found '{value[-1]['role']}'.",
+                   "wrong final role")
+    return value
+
+
+def _check_response_messages(value, prompt: Messages, where: str, name: str) -> Messages:
+    msgs = _check_messages(value, where, name, final_role="assistant")
+    if msgs[0]["role"] != "assistant":
+        raise _bad(where, f"{name}[0].role", f"a response starts with an assistant turn, found '{msgs[0]['role']}'.",
+                   "wrong final role")
+    if not msgs[-1]["content"].strip():
+        raise _bad(where, f"{name}[{len(msgs) - 1}].content", "the response is empty.", "empty response")
+    _check_messages(prompt + msgs, where, f"prompt + {name}")  # turns alternate across the boundary
+    return msgs
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes
+
+
 def recognise(record, where: str) -> str:
-    """The shape of one record: 'standard', 'conversational' or 'unpaired'."""
+    """The shape of one record (one of SHAPES), from its fields."""
     if not isinstance(record, dict):
-        raise PrefoptError(f"{where}: expected a record (a JSON object), found {_describe(record)}.")
-    if "label" in record and ("completion" in record or "messages" in record):
+        raise BadRecord(f"{where}: expected a record (a JSON object), found {_describe(record)}.", "not a record")
+    if "label" in record and ("completion" in record or "messages" in record or "conversations" in record):
         return "unpaired"
+    if "conversations" in record and "chosen" in record and "rejected" in record:
+        return "sharegpt"
+    if "completions" in record or ("responses" in record and "scores" in record):
+        return "ratings"
+    if "prompt" not in record and "chosen" in record and "rejected" in record:
+        return "implicit"
     missing = [f for f in PAIR_FIELDS if f not in record]
     if missing:
-        found = ", ".join(record) or "none"
-        raise PrefoptError(
+        found = ", ".join(map(str, record)) or "none"
+        raise BadRecord(
             f"{where}: missing field{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)}; "
-            f"expected a preference pair with fields prompt, chosen, rejected (strings, or message lists), "
-            f"or an unpaired example with prompt, completion, label (or messages, label). "
-            f"Fields found: {found}."
-        )
+            "expected a preference pair (prompt, chosen, rejected; or chosen and rejected transcripts; or "
+            "ShareGPT conversations, chosen, rejected), an unpaired example (prompt, completion, label; or "
+            "messages, label), or rated completions (prompt, completions). "
+            f"Fields found: {found} (data.fields renames a file's fields).", "missing field")
     return "conversational" if isinstance(record["chosen"], list) else "standard"
 
 
-def _unpaired(record, where: str) -> Unpaired:
+def _label(record, where: str) -> bool:
     label = record["label"]
+    if isinstance(record, CsvRow) and isinstance(label, str):
+        lowered = label.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
     if not isinstance(label, bool):
-        raise PrefoptError(f"{where}, field 'label': expected true or false, found {_describe(label)}.")
-    if "messages" in record:
-        messages = _check_messages(record["messages"], where, "messages", final_role="assistant")
+        raise _bad(where, "label", f"expected true or false, found {_describe(label)}.", "label not boolean")
+    return label
+
+
+def _from_sharegpt(value, where: str, name: str) -> Messages:
+    if not (isinstance(value, dict) or (isinstance(value, list) and value)):
+        raise _bad(where, name, "expected a ShareGPT message {\"from\", \"value\"} or a non-empty list of them, "
+                   f"found {_describe(value)}.", "wrong type")
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for k, m in enumerate(items):
+        label = f"{name}[{k}]" if isinstance(value, list) else name
+        if not isinstance(m, dict) or "from" not in m or "value" not in m:
+            raise _bad(where, label, f"expected a ShareGPT message {{\"from\": ..., \"value\": ...}}, found "
+                       f"{_describe(m)}.", "malformed message")
+        role = SHAREGPT_ROLES.get(m["from"]) if isinstance(m["from"], str) else None
+        if role is None:
+            raise _bad(where, f"{label}.from", f"unknown speaker {m['from']!r}; expected one of "
+                       f"{', '.join(SHAREGPT_ROLES)}.", "unknown role")
+        if not isinstance(m["value"], str):
+            raise _bad(where, f"{label}.value", f"expected a string, found {_describe(m['value'])}.", "wrong type")
+        out.append({"role": role, "content": m["value"]})
+    return out
+
+
+def _unpaired(record, where: str) -> Unpaired:
+    label = _label(record, where)
+    if "messages" in record or "conversations" in record:
+        key = "messages" if "messages" in record else "conversations"
+        messages = record[key] if key == "messages" else _from_sharegpt(record[key], where, key)
+        messages = _check_messages(messages, where, key, final_role="assistant")
         if len(messages) < 2:
-            raise PrefoptError(f"{where}, field 'messages': needs a prompt turn before the final assistant message.")
+            raise _bad(where, key, "needs a prompt turn before the final assistant message.", "missing prompt")
+        if not messages[-1]["content"].strip():
+            raise _bad(where, f"{key}[{len(messages) - 1}].content", "the response is empty.", "empty response")
         return Unpaired(messages[:-1], messages[-1:], label, where)
     if "prompt" not in record:
-        raise PrefoptError(f"{where}: missing field 'prompt' (an unpaired example has prompt, completion, label).")
+        raise _bad(where, None, "missing field 'prompt' (an unpaired example has prompt, completion, label).",
+                   "missing field")
     prompt, completion = record["prompt"], record["completion"]
-    if isinstance(completion, list):
-        return Unpaired(_check_messages(prompt, where, "prompt"),
-                        _check_messages(completion, where, "completion", final_role="assistant"), label, where)
-    for f in ("prompt", "completion"):
-        if not isinstance(record[f], str):
-            raise PrefoptError(f"{where}, field '{f}': expected a string, found {_describe(record[f])}.")
-    if not completion.strip():
-        raise PrefoptError(f"{where}, field 'completion': the response is empty.")
-    return Unpaired(prompt, completion, label, where)
+    if isinstance(completion, list) or isinstance(prompt, list):
+        p = _check_messages(prompt, where, "prompt", prompt=True)
+        return Unpaired(p, _check_response_messages(completion, p, where, "completion"), label, where)
+    return Unpaired(_text(prompt, where, "prompt"), _response_text(completion, where, "completion"), label, where)
 
 
-def normalise(record, where: str, shape: str):
-    actual = recognise(record, where)
-    if actual != shape:
-        raise PrefoptError(
-            f"{where}: this record is {actual}, but earlier records are {shape}; a file must use one shape."
-        )
-    if shape == "unpaired":
-        return _unpaired(record, where)
-    if shape == "standard":
-        for f in PAIR_FIELDS:
-            if not isinstance(record[f], str):
-                raise PrefoptError(f"{where}, field '{f}': expected a string, found {_describe(record[f])}.")
-        for f in ("chosen", "rejected"):
-            if not record[f].strip():
-                raise PrefoptError(f"{where}, field '{f}': the response is empty.")
-        return Pair(record["prompt"], record["chosen"], record["rejected"], where)
-    prompt = _check_messages(record["prompt"], where, "prompt")
-    chosen = _check_messages(record["chosen"], where, "chosen", final_role="assistant")
-    rejected = _check_messages(record["rejected"], where, "rejected", final_role="assistant")
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _implicit(record, where: str, opt: Options) -> Pair:
+    chosen, rejected = record["chosen"], record["rejected"]
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        _check_messages(chosen, where, "chosen", final_role="assistant")
+        _check_messages(rejected, where, "rejected", final_role="assistant")
+        n = _common_prefix(chosen, rejected)
+        if n == len(chosen) == len(rejected):
+            raise _bad(where, None, "chosen and rejected are the same conversation.", "chosen equals rejected")
+        # the prompt ends before the first differing turn, which must be each one's last (assistant) turn
+        if n == 0 or n != len(chosen) - 1 or n != len(rejected) - 1:
+            raise _bad(where, None, f"chosen and rejected differ at message {n}, before their last turn "
+                       f"({len(chosen)} and {len(rejected)} messages); an implicit-prompt pair must share every "
+                       "turn but the final assistant reply.", "transcripts diverge before the last turn")
+        return Pair(chosen[:n], chosen[n:], rejected[n:], where)
+    _text(chosen, where, "chosen")
+    _text(rejected, where, "rejected")
+    n = _common_prefix(chosen, rejected)
+    marker = opt.assistant_marker
+    cut = chosen.rfind(marker, 0, n)  # the last marker lying wholly inside the shared prefix
+    if cut < 0:
+        raise _bad(where, None, f"chosen and rejected share no prefix ending at a turn boundary ({marker!r}); an "
+                   "implicit-prompt pair is two transcripts that differ only in the last assistant turn "
+                   "(set data.assistant_marker for other turn markers).", "no shared prompt")
+    end = cut + len(marker)
+    prompt, c, r = chosen[:end], chosen[end:], rejected[end:]
+    for name, resp in (("chosen", c), ("rejected", r)):
+        if opt.user_marker and opt.user_marker in resp:
+            raise _bad(where, name, f"the transcripts diverge before the last turn: after the shared prompt, "
+                       f"{name} holds another {opt.user_marker.strip()!r} turn.",
+                       "transcripts diverge before the last turn")
+        _response_text(resp, where, name)
+    return Pair(prompt, c, r, where)
+
+
+def _sharegpt(record, where: str) -> Pair:
+    prompt = _check_messages(_from_sharegpt(record["conversations"], where, "conversations"), where,
+                             "conversations", prompt=True)
+    chosen = _check_response_messages(_from_sharegpt(record["chosen"], where, "chosen"), prompt, where, "chosen")
+    rejected = _check_response_messages(_from_sharegpt(record["rejected"], where, "rejected"), prompt, where, "rejected")
     return Pair(prompt, chosen, rejected, where)
 
 
-def load_pairs(source: str, split: str = "train", limit: Optional[int] = None) -> tuple[list, str]:
-    """All records of `source` (Pair or Unpaired) and the shape they share. Any bad record is an
-    error naming it."""
-    pairs: list = []
-    shape = None
+def _number(value, where: str, name: str) -> float:
+    if isinstance(value, str):  # CSV cells, and datasets that store scores as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise _bad(where, name, f"expected a number, found {_describe(value)}.", "score not a number")
+    return float(value)
+
+
+def _ratings(record, where: str, opt: Options, rng: random.Random, loaded: "Loaded") -> list[Pair]:
+    if "prompt" not in record:
+        raise _bad(where, None, "missing field 'prompt' (rated completions need prompt and completions; "
+                   "data.fields renames a file's fields, e.g. {prompt: instruction}).", "missing field")
+    prompt = record["prompt"]
+    conversational = isinstance(prompt, list)
+    if conversational:
+        _check_messages(prompt, where, "prompt", prompt=True)
+    else:
+        _text(prompt, where, "prompt")
+    scored: list[tuple[float, str]] = []
+    if "completions" in record:
+        comps = record["completions"]
+        if not isinstance(comps, list):
+            raise _bad(where, "completions", f"expected a list of {{response, score}} objects, found {_describe(comps)}.",
+                       "wrong type")
+        for k, c in enumerate(comps):
+            name = f"completions[{k}]"
+            if not isinstance(c, dict):
+                raise _bad(where, name, f"expected an object with a response and a score, found {_describe(c)}.",
+                           "wrong type")
+            tkey = next((t for t in TEXT_KEYS if t in c), None)
+            skey = next((s for s in SCORE_KEYS if s in c), None)
+            if tkey is None or skey is None:
+                want = f"one of {', '.join(TEXT_KEYS)}" if tkey is None else f"one of {', '.join(SCORE_KEYS)}"
+                raise _bad(where, name, f"expected {want}; fields found: {', '.join(map(str, c)) or 'none'}.",
+                           "missing field")
+            scored.append((_number(c[skey], where, f"{name}.{skey}"), _response_text(c[tkey], where, f"{name}.{tkey}")))
+    else:
+        responses, scores = record["responses"], record["scores"]
+        if not isinstance(responses, list) or not isinstance(scores, list) or len(responses) != len(scores):
+            raise _bad(where, "scores", f"expected two lists of the same length (responses, scores), found "
+                       f"{_describe(responses)} and {_describe(scores)}.", "wrong type")
+        for k, (resp, s) in enumerate(zip(responses, scores)):
+            scored.append((_number(s, where, f"scores[{k}]"), _response_text(resp, where, f"responses[{k}]")))
+    if len(scored) < 2:
+        raise _bad(where, "completions", f"needs at least two rated completions, found {len(scored)}.",
+                   "fewer than two rated completions")
+
+    def make(c: str, r: str) -> Pair:
+        if conversational:
+            return Pair(prompt, [{"role": "assistant", "content": c}], [{"role": "assistant", "content": r}], where)
+        return Pair(prompt, c, r, where)
+
+    order = sorted(range(len(scored)), key=lambda i: -scored[i][0])  # stable: ties keep file order
+    gap = opt.ratings_min_gap
+    best = order[0]
+    if opt.ratings_rule == "all_pairs":
+        pairs = [make(scored[i][1], scored[j][1]) for a, i in enumerate(order) for j in order[a + 1:]
+                 if scored[i][0] - scored[j][0] > gap]
+    else:
+        lower = [j for j in order[1:] if scored[best][0] - scored[j][0] > gap]
+        if not lower:
+            pairs = []
+        elif opt.ratings_rule == "best_vs_worst":
+            pairs = [make(scored[best][1], scored[lower[-1]][1])]
+        else:
+            pairs = [make(scored[best][1], scored[rng.choice(lower)][1])]
+    if not pairs:
+        loaded.skip("no two scores differ by more than data.ratings_min_gap",
+                    f"{where}: no two completions' scores differ by more than {gap}.")
+    return pairs
+
+
+def normalise(record, where: str, shape: str, opt: Optional[Options] = None,
+              rng: Optional[random.Random] = None, loaded: Optional[Loaded] = None) -> list:
+    """One record of `shape` -> a list of Pair/Unpaired (a ratings record may give several)."""
+    opt = opt or Options()
+    actual = recognise(record, where)
+    if actual != shape:
+        raise BadRecord(f"{where}: this record is {actual}, but earlier records are {shape}; a file must use one "
+                        "shape.", "mixed shapes")
+    if shape == "unpaired":
+        return [_unpaired(record, where)]
+    if shape == "implicit":
+        return [_implicit(record, where, opt)]
+    if shape == "sharegpt":
+        return [_sharegpt(record, where)]
+    if shape == "ratings":
+        return _ratings(record, where, opt, rng or random.Random(opt.seed), loaded or Loaded([], shape))
+    if shape == "standard":
+        return [Pair(_text(record["prompt"], where, "prompt"), _response_text(record["chosen"], where, "chosen"),
+                     _response_text(record["rejected"], where, "rejected"), where)]
+    prompt = _check_messages(record["prompt"], where, "prompt", prompt=True)
+    chosen = _check_response_messages(record["chosen"], prompt, where, "chosen")
+    rejected = _check_response_messages(record["rejected"], prompt, where, "rejected")
+    return [Pair(prompt, chosen, rejected, where)]
+
+
+def _remap(record, fields: dict, where: str):
+    """Rename the file's field names to prefopt's (data.fields: {prefopt name: file's name})."""
+    if not fields or not isinstance(record, dict):
+        return record
+    out = type(record)(record)
+    for ours, theirs in fields.items():
+        if theirs in out:
+            out[ours] = out.pop(theirs)
+        elif ours not in out:
+            raise BadRecord(f"{where}: missing field '{theirs}' (data.fields maps it to '{ours}'); fields found: "
+                            f"{', '.join(map(str, record)) or 'none'}.", "missing field")
+    return out
+
+
+def load(source: str, split: str = "train", limit: Optional[int] = None,
+         options: Optional[Options] = None) -> Loaded:
+    """Every record of `source` as Pair/Unpaired, with the shape they share and what was skipped.
+    `limit` caps the number of examples produced."""
+    opt = options or Options()
     if limit is not None and limit < 1:
         raise PrefoptError(f"data.limit must be >= 1, found {limit}.")
+    if opt.shape != "auto" and opt.shape not in SHAPES:
+        raise PrefoptError(f"data.shape must be auto or one of {', '.join(SHAPES)}, found '{opt.shape}'.")
+    if opt.ratings_rule not in RATING_RULES:
+        raise PrefoptError(f"data.ratings_rule must be one of {', '.join(RATING_RULES)}, found '{opt.ratings_rule}'.")
+    if opt.on_bad_record not in ("error", "skip"):
+        raise PrefoptError(f"data.on_bad_record must be error or skip, found '{opt.on_bad_record}'.")
+    loaded = Loaded([], None if opt.shape == "auto" else opt.shape)
+    rng = random.Random(opt.seed)
     for where, record in read_records(source, split):
-        if shape is None:
-            shape = recognise(record, where)
-        pairs.append(normalise(record, where, shape))
-        if limit is not None and len(pairs) >= limit:
+        loaded.records += 1
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            record = _remap(record, opt.fields, where)
+            if loaded.shape is None:
+                loaded.shape = recognise(record, where)
+            items = normalise(record, where, loaded.shape, opt, rng, loaded)
+        except BadRecord as e:
+            if opt.on_bad_record == "error":
+                raise PrefoptError(f"{e} (data.on_bad_record: skip would skip such records, counted.)") from None
+            loaded.skip(e.reason, str(e))
+            continue
+        for item in items:
+            if isinstance(item, Pair) and item.chosen == item.rejected:
+                loaded.skip("chosen equals rejected", f"{where}: chosen equals rejected (no preference to learn).")
+                continue
+            loaded.items.append(item)
+        if limit is not None and len(loaded.items) >= limit:
+            del loaded.items[limit:]
             break
-    return pairs, shape
+    if loaded.shape is None:
+        loaded.shape = "unknown"
+    return loaded
+
+
+def options_from(data_cfg) -> Options:
+    """Reading options from a config's `data` section."""
+    return Options(shape=data_cfg.shape, fields=dict(data_cfg.fields or {}), ratings_rule=data_cfg.ratings_rule,
+                   ratings_min_gap=data_cfg.ratings_min_gap, user_marker=data_cfg.user_marker,
+                   assistant_marker=data_cfg.assistant_marker, on_bad_record=data_cfg.on_bad_record)
+
+
+def load_pairs(source: str, split: str = "train", limit: Optional[int] = None,
+               options: Optional[Options] = None) -> tuple[list, str]:
+    """All examples of `source` (Pair or Unpaired) and the shape they share. A bad record is an error
+    naming it (or skipped and counted with options.on_bad_record = "skip")."""
+    loaded = load(source, split, limit, options)
+    return loaded.items, loaded.shape
