@@ -153,3 +153,13 @@ def test_out_of_range_values_name_the_key(section, key, value):
 
     with pytest.raises(PrefoptError, match=f"{section}.{key}"):
         from_dict({section: {key: value}})
+
+
+def test_hyperparameter_of_another_loss_is_ignored_with_a_warning(caplog):
+    """A DPO YAML (beta) switched to ORPO on the command line still runs: beta is said and dropped."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="prefopt"):
+        cfg = config.from_dict({"loss": {"name": "orpo", "beta": 0.1}})
+    assert cfg.loss.beta is None and cfg.loss.orpo_lambda is not None
+    assert "loss.beta = 0.1 is not used by loss 'orpo'" in caplog.text and "orpo_lambda" in caplog.text

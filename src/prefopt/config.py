@@ -14,6 +14,7 @@ resolved config that is saved beside the trained model.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -299,9 +300,12 @@ def validate(cfg: Config, source: str = "config") -> None:
     for key in dataclasses.asdict(cfg.loss):
         if key not in _NOT_HYPERPARAMETERS and getattr(cfg.loss, key) is not None \
                 and key not in spec.hyperparameters:
-            bad(f"loss.{key}", f"is not a hyperparameter of loss '{spec.name}'; it takes: "
-                f"{', '.join(spec.hyperparameters) or 'none'}"
-                + (f" (and the modifiers {', '.join(LOSS_MODIFIERS)})." if spec.paired else "."))
+            # e.g. a YAML made for DPO (beta) run with --loss.name orpo: said, dropped, not fatal
+            logging.getLogger("prefopt").warning(
+                "%s: loss.%s = %r is not used by loss '%s' (it takes: %s%s); ignored.", source, key,
+                getattr(cfg.loss, key), spec.name, ", ".join(spec.hyperparameters) or "none",
+                f"; modifiers {', '.join(LOSS_MODIFIERS)}" if spec.paired else "")
+            setattr(cfg.loss, key, None)
     for key, default in spec.hyperparameters.items():  # record the values actually used
         if getattr(cfg.loss, key) is None:
             setattr(cfg.loss, key, default)
