@@ -78,7 +78,8 @@ def run_prefopt(job: dict) -> dict:
             "loss": {"name": "sigmoid", "beta": job["beta"]},
             "reference": {"cache_dir": f"{tmp}/ref"},
             "train": {"output_dir": f"{tmp}/out", "max_steps": job["steps"], "batch_size": job["batch"],
-                      "lr": job["lr"], "warmup_ratio": 0.0, "progress": False, "logging_steps": 1, "seed": 0},
+                      "lr": job["lr"], "warmup_ratio": 0.0, "progress": False, "logging_steps": 1, "seed": 0,
+                      **job.get("prefopt_train", {})},
         })
         t0 = time.perf_counter()
         summary = pt.train(cfg)
@@ -194,6 +195,15 @@ def launch(job: dict) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def _trl_version() -> str:
+    try:
+        import trl
+
+        return trl.__version__
+    except ImportError:
+        return "not installed"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -205,8 +215,10 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--trl", default="bf16,bf16+precompute", help="TRL configurations to try: comma-separated "
-                    "variants of fp32|bf16 with +gc (gradient checkpointing) and +precompute")
+                    "variants of fp32|bf16 with +gc (gradient checkpointing) and +precompute; '' for none")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--prefopt-train", default="{}", help="JSON of prefopt train.* settings to use instead of "
+                    "its defaults, e.g. '{\"lm_head_chunk\": 256}'")
     a = ap.parse_args()
     if a.worker:
         return worker(json.loads(a.worker))
@@ -226,7 +238,6 @@ def main() -> None:
     model = tiny_model(tmp / "tiny", tokenizer) if a.quick else smol
     data = tmp / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    import trl
     from transformers import AutoModelForCausalLM
 
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
@@ -237,11 +248,11 @@ def main() -> None:
           f"({per_step['response']:.0f} response, {per_step['unique']:.0f} distinct); matmul peak "
           f"{peaks['float32'] / 1e9:.0f} GFLOP/s fp32, {peaks['bfloat16'] / 1e9:.0f} GFLOP/s bf16", flush=True)
     base = dict(model=model, data=str(data), steps=steps, batch=a.batch, max_length=a.max_length, beta=a.beta,
-                lr=a.lr)
+                lr=a.lr, prefopt_train=json.loads(a.prefopt_train))
     rows = []
     for mode in a.modes.split(","):
         runs = [dict(base, who="prefopt", mode=mode, variant="defaults")]
-        runs += [dict(base, who="trl", mode=mode, variant=v) for v in a.trl.split(",")]
+        runs += [dict(base, who="trl", mode=mode, variant=v) for v in a.trl.split(",") if v]
         # alternate: prefopt first, then each TRL configuration, then prefopt again
         order = runs[:1] + runs[1:] + runs[:1]
         for job in order:
@@ -258,14 +269,19 @@ def main() -> None:
                   f"{row['flops_fraction']:.1%} of peak", flush=True)
     print()
     for mode in a.modes.split(","):
-        ours = min((r for r in rows if r["who"] == "prefopt" and r["mode"] == mode), key=lambda r: r["s_per_step"])
+        mine = [r for r in rows if r["who"] == "prefopt" and r["mode"] == mode]  # both runs, averaged
+        if not any(r["who"] == "trl" and r["mode"] == mode for r in rows):
+            continue
         theirs = min((r for r in rows if r["who"] == "trl" and r["mode"] == mode), key=lambda r: r["s_per_step"])
-        print(f"{mode}: prefopt {ours['pairs_per_s']:.2f} pairs/s vs TRL ({theirs['variant']}) "
-              f"{theirs['pairs_per_s']:.2f}: {ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x; step-1 loss "
-              f"{ours['first_loss']:.5f} vs {theirs['first_loss']:.5f}")
+        ours_pairs = a.batch / statistics.mean(r["s_per_step"] for r in mine)
+        ours_rss = max(r["peak_rss_gb"] for r in mine)
+        print(f"{mode}: prefopt {ours_pairs:.2f} pairs/s (mean of its runs) vs TRL's fastest ({theirs['variant']}) "
+              f"{theirs['pairs_per_s']:.2f}: {ours_pairs / theirs['pairs_per_s']:.2f}x; peak RSS {ours_rss:.2f} vs "
+              f"{theirs['peak_rss_gb']:.2f} GB: {ours_rss / theirs['peak_rss_gb']:.2f}x; step-1 loss "
+              f"{mine[0]['first_loss']:.5f} vs {theirs['first_loss']:.5f}")
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": trl.__version__, "peaks": peaks, "per_step_tokens": per_step}
+            "trl": _trl_version(), "peaks": peaks, "per_step_tokens": per_step}
     if a.json:
         Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
