@@ -35,7 +35,8 @@ def test_every_problem_is_counted(tmp_path, capsys):
     recs = good + [good[0],  # a duplicate
                    {"prompt": "Q?", "chosen": " same", "rejected": " same"},  # chosen == rejected
                    {"prompt": "Q?", "chosen": " ok\n\nHuman: and another thing", "rejected": " no"},  # role marker
-                   {"prompt": "Q " * 300, "chosen": " long prompt", "rejected": " x"}]  # over max_length
+                   {"prompt": "Q " * 300, "chosen": " long prompt", "rejected": " x"},  # over max_length
+                   {"prompt": "Q?", "chosen": " a\x16b", "rejected": " c"}]  # SmolLM2's vocabulary drops \x16
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     code, out = run_check(capsys, path, "--json", "--data.max_length", 128, "--data.max_prompt_length", 64)
@@ -43,7 +44,8 @@ def test_every_problem_is_counted(tmp_path, capsys):
     assert code == 0 and r["usable"]  # warnings only
     assert (r["duplicates"], r["chosen_equals_rejected"], r["role_markers_in_responses"]) == (1, 1, 1)
     assert r["max_length"]["would_truncate"] == 1 and r["max_length"]["prompts_cut"] == 1
-    assert r["examples"] == 7 and r["skipped"] == {"chosen equals rejected": 1}
+    assert r["examples"] == 8 and r["skipped"] == {"chosen equals rejected": 1}
+    assert r["not_reproduced_by_tokenizer"] == 1 and "line 9" in r["not_reproduced_first"][0]
     code, out = run_check(capsys, path, "--json", "--data.max_length", 128, "--data.max_prompt_length", 64,
                           "--data.truncation", "drop")
     assert json.loads(out)["max_length"]["would_drop"] == 1

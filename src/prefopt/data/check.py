@@ -4,7 +4,7 @@ One pass reads every record with the configured options (bad records are collect
 tokenizes each example with the configured tokenizer without truncation, and reports: the shape,
 counts, token-length distributions, what data.max_length would truncate or drop, duplicates,
 chosen == rejected, empty responses, role markers inside responses, transcripts that diverge
-before the last turn, and length bias (how often chosen is the longer response). The data is
+before the last turn, text the tokenizer cannot reproduce, and length bias (how often chosen is the longer response). The data is
 usable when at least one example survives and no record is bad (or data.on_bad_record is skip).
 """
 
@@ -82,12 +82,17 @@ def check(source: str, data_cfg, tokenizer, *, tokenizer_name: str = "") -> dict
     lengths: dict[str, list[int]] = {"prompt": [], **{n: [] for n in names}}
     token_errors: Counter = Counter()
     truncated = dropped = prompt_cut = chosen_longer = ties = 0
+    lossy: list[str] = []  # string examples the tokenizer cannot reproduce (characters it drops or mangles)
     for it in items:
         try:
             ex = pt(it)
         except PrefoptError as e:
             token_errors[str(e).split(": ", 1)[-1]] += 1
             continue
+        if not it.conversational:
+            texts = [(it.prompt, ex["prompt_ids"])] + [(getattr(it, n), ex[f"{n}_ids"][:-1]) for n in names]
+            if any(tokenizer.decode(ids, clean_up_tokenization_spaces=False) != t for t, ids in texts):
+                lossy.append(it.where)
         p = len(ex["prompt_ids"])
         rs = [len(ex[f"{n}_ids"]) for n in names]
         lengths["prompt"].append(p)
@@ -103,6 +108,9 @@ def check(source: str, data_cfg, tokenizer, *, tokenizer_name: str = "") -> dict
             chosen_longer += rs[0] > rs[1]
             ties += rs[0] == rs[1]
     report["token_lengths"] = {n: _dist(v) for n, v in lengths.items()}
+    report["not_reproduced_by_tokenizer"] = len(lossy)
+    if lossy:
+        report["not_reproduced_first"] = lossy[:3]
     if token_errors:
         report["tokenization_errors"] = dict(token_errors)
     report["max_length"] = {"max_length": data_cfg.max_length, "max_prompt_length": data_cfg.max_prompt_length,
@@ -131,6 +139,9 @@ def check(source: str, data_cfg, tokenizer, *, tokenizer_name: str = "") -> dict
                       "rejected (skipped)"), ("role_markers_in_responses", "response(s) containing role markers")):
         if report[key]:
             warnings.append(f"{report[key]} {text}")
+    if lossy:
+        warnings.append(f"{len(lossy)} example(s) hold characters the tokenizer drops or changes (decode(encode(text)) "
+                        f"!= text), first: {lossy[0]}")
     if truncated:
         warnings.append(f"{truncated} example(s) exceed max_length {data_cfg.max_length} and will be truncated")
     if dropped:
@@ -168,7 +179,8 @@ def format_report(r: dict) -> str:
                  f"{m['would_truncate']} truncated ({m['prompts_cut']} prompts cut), {m['would_drop']} dropped")
     lines.append(f"  duplicates {r['duplicates']}; chosen == rejected {r['chosen_equals_rejected']}; empty responses "
                  f"{r['empty_responses']}; role markers in responses {r['role_markers_in_responses']}; transcripts "
-                 f"diverging before the last turn {r['diverge_before_last_turn']}")
+                 f"diverging before the last turn {r['diverge_before_last_turn']}; text the tokenizer cannot reproduce "
+                 f"{r['not_reproduced_by_tokenizer']}")
     if "length_bias" in r:
         lb = r["length_bias"]
         lines.append(f"  length bias: chosen longer in {lb['chosen_longer']:.1%} of pairs "
