@@ -139,6 +139,7 @@ def training_arguments(cfg: Config, bf16: bool):
 def make_trainer(cfg: Config, spec: losses.LossSpec, model, tokenizer, collator, train_examples: list,
                  eval_examples: list, bf16: bool, ref_model=None):
     """The PreferenceTrainer for tokenized examples (with ref_logps attached if precomputed)."""
+    from .monitor import FailureMonitor
     from .trainer import JsonlMetrics, PreferenceTrainer
 
     out = Path(cfg.train.output_dir)
@@ -151,7 +152,7 @@ def make_trainer(cfg: Config, spec: losses.LossSpec, model, tokenizer, collator,
         model=model, args=training_arguments(cfg, bf16), train_dataset=train_examples,
         eval_dataset=eval_examples or None, data_collator=collator, processing_class=tokenizer,
         loss=spec, loss_kwargs=loss_kwargs, ref_model=ref_model, lm_head_chunk=cfg.train.lm_head_chunk,
-        ld_alpha=cfg.loss.ld_alpha, wpo=cfg.loss.wpo, callbacks=[JsonlMetrics(metrics_path)],
+        ld_alpha=cfg.loss.ld_alpha, wpo=cfg.loss.wpo, callbacks=[JsonlMetrics(metrics_path), FailureMonitor()],
     )
 
 
@@ -192,6 +193,11 @@ def train(cfg: Config, progress: Optional[bool] = None) -> dict:
     trainer = make_trainer(cfg, spec, model, tokenizer, collator, train_examples, eval_examples, bf16, ref_model)
     out = Path(cfg.train.output_dir)
     result = trainer.train()
+    monitor = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "FailureMonitor")
+    if monitor.nonfinite_step is not None:
+        raise PrefoptError(f"training stopped at step {monitor.nonfinite_step}: the loss or gradient norm is not "
+                           f"finite; the model was not saved ({out}/metrics.jsonl has the log). Lower train.lr "
+                           "or check the data.")
     if eval_examples:
         trainer.evaluate()
     trainer.save_model(str(out))

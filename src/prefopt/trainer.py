@@ -7,7 +7,7 @@ stay transformers'/accelerate's. Metrics use the names TRL users know.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Optional
 
@@ -59,6 +59,8 @@ class PreferenceTrainer(Trainer):
         self.wpo = bool(wpo)
         self.loss_state = losses.BCOState() if loss.stateful else None
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # recent (implicit reward, length) of trained sequences, for rewards/length_corr
+        self._reward_length: deque = deque(maxlen=512)
         # Our loss is a mean over the pairs of a micro-batch: the Trainer must divide by the number
         # of accumulation steps (1 × 8 accumulated == 8 × 1), never rescale by token counts.
         self.model_accepts_loss_kwargs = False
@@ -98,6 +100,9 @@ class PreferenceTrainer(Trainer):
             per_example = self.loss_spec.fn(logp_a, logp_b, ref_a, ref_b, len_c=len_a, len_r=len_b,
                                             **self.loss_kwargs, **extra)
             stats = self._pair_stats(beta, logp_a, logp_b, ref_a, ref_b, len_a, len_b)
+            if model.training and ref is not None:
+                rewards = torch.cat([stats["rewards/chosen"], stats["rewards/rejected"]]).float().cpu()
+                self._reward_length.extend(zip(rewards.tolist(), torch.cat([len_a, len_b]).float().cpu().tolist()))
             if self.wpo:  # the policy's own (plain, not LD) per-token probabilities, weight-aligned
                 raw_c, raw_r = split(out["logps"])
                 sq_c, sq_r = split(out["sq_mass"])
@@ -168,6 +173,10 @@ class PreferenceTrainer(Trainer):
             if v:
                 logs[prefix + k] = round(sum(v) / len(v), 6)
         self._metrics[split].clear()
+        if split == "train" and len(self._reward_length) >= 16:
+            r, n = torch.tensor(list(self._reward_length)).T
+            if r.std() > 0 and n.std() > 0:
+                logs["rewards/length_corr"] = round(torch.corrcoef(torch.stack([r, n]))[0, 1].item(), 4)
         super().log(logs, start_time)
 
 
