@@ -35,18 +35,19 @@ log = logging.getLogger("prefopt")
 class DemoSettings:
     train_prompts: int = 200
     eval_prompts: int = 40
-    samples: int = 4  # per prompt, for pairs and for evaluation
+    samples: int = 8  # per training prompt: the best and the worst make a pair
+    eval_samples: int = 4  # per held-out prompt, from reference and from policy
     max_new_tokens: int = 32
-    beta: float = 0.2
+    beta: float = 0.1
     lr: float = 4e-4
     batch_size: int = 8
-    epochs: float = 2.0
+    epochs: float = 1.0
     lora_r: int = 16
     lora_alpha: int = 32
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(train_prompts=16, eval_prompts=4, samples=2, max_new_tokens=8, batch_size=4)
+        return cls(train_prompts=16, eval_prompts=4, samples=2, eval_samples=2, max_new_tokens=8, batch_size=4)
 
 
 def _mean(xs):
@@ -109,14 +110,14 @@ def run_demo(out: str = "runs/demo", seed: int = 0, quick: bool = False, setting
 
     # 4. evaluate on held-out prompts
     t = time.time()
-    ref_samples = sample(model, tokenizer, eval_ids, s.samples, max_new_tokens=s.max_new_tokens, seed=seed + 2,
+    ref_samples = sample(model, tokenizer, eval_ids, s.eval_samples, max_new_tokens=s.max_new_tokens, seed=seed + 2,
                          reference=True, desc="4/4 sampling reference")
     model.merge_adapter()  # sampling from the merged policy is faster; unmerged again below
     try:
-        pol_samples = sample(model, tokenizer, eval_ids, s.samples, max_new_tokens=s.max_new_tokens,
+        pol_samples = sample(model, tokenizer, eval_ids, s.eval_samples, max_new_tokens=s.max_new_tokens,
                              seed=seed + 2, reference=False, desc="4/4 sampling policy")
         flat = lambda nested: [r for rs in nested for r in rs]  # noqa: E731
-        rep = lambda ids: [p for p in ids for _ in range(s.samples)]  # noqa: E731
+        rep = lambda ids: [p for p in ids for _ in range(s.eval_samples)]  # noqa: E731
         lp_pol = response_logps(model, tokenizer.pad_token_id, rep(eval_ids), flat(pol_samples),
                                 autocast_dtype=autocast)
     finally:
