@@ -75,6 +75,9 @@ CASES = {
         {"chosen": [msg(U, "a"), msg(A, "b"), msg(U, "c"), msg(A, "d")],
          "rejected": [msg(U, "a"), msg(A, "x"), msg(U, "c"), msg(A, "d")]},
         ["differ at message 1", "before their last turn"]),
+    "implicit conversation response empty": (
+        {"chosen": [msg(U, "a"), msg(A, " ")], "rejected": [msg(U, "a"), msg(A, "d")]},
+        ["field 'chosen[0].content'", "empty"]),
     "ratings score not a number": ({"prompt": "p", "completions": [{"response": "a", "score": "high"},
                                                                    {"response": "b", "score": 1}]},
                                    ["field 'completions[0].score'", "expected a number", "'high'"]),
@@ -211,3 +214,9 @@ def test_chosen_equals_rejected_is_skipped_and_counted_even_by_default(tmp_path)
     path.write_text(json.dumps(GOOD) + "\n" + json.dumps({"prompt": "p", "chosen": " x", "rejected": " x"}) + "\n")
     loaded = load(str(path))
     assert len(loaded.items) == 1 and loaded.skipped["chosen equals rejected"] == 1
+    # the same for every shape, e.g. two identical implicit-prompt conversations
+    same = [msg(U, "a"), msg(A, "b")]
+    path.write_text(json.dumps({"chosen": same, "rejected": [msg(U, "a"), msg(A, "c")]}) + "\n"
+                    + json.dumps({"chosen": same, "rejected": same}) + "\n")
+    loaded = load(str(path))
+    assert len(loaded.items) == 1 and dict(loaded.skipped) == {"chosen equals rejected": 1}

@@ -93,3 +93,11 @@ def test_divergence_stops_without_saving(tiny_dir, tmp_path):
     with pytest.raises(PrefoptError, match="training stopped at step .*not finite.*not saved"):
         train(cfg_for(tiny_dir, tmp_path, lr=1e25, max_grad_norm=0.0))
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_length_correlation_is_logged_from_sixteen_sequences(tiny_dir, tmp_path):
+    train(cfg_for(tiny_dir, tmp_path, lr=1e-2))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    corr = [r.get("rewards/length_corr") for r in rows if "loss" in r]
+    assert corr[:3] == [None] * 3  # 4 sequences a step: 16 reached at step 4
+    assert all(-1 <= c <= 1 for c in corr[3:]) and len(corr) == 8

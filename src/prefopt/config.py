@@ -332,16 +332,12 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("data.max_prompt_length", f"({cfg.data.max_prompt_length}) must be below data.max_length ({cfg.data.max_length}).")
     if cfg.data.limit is not None and cfg.data.limit < 1:
         bad("data.limit", f"must be >= 1 (or null for all records), found {cfg.data.limit}.")
-    from .data.formats import RATING_RULES, SHAPES
+    from .data import formats
 
-    if cfg.data.shape != "auto" and cfg.data.shape not in SHAPES:
-        bad("data.shape", f"must be auto or one of {', '.join(SHAPES)}, found '{cfg.data.shape}'.")
-    if cfg.data.ratings_rule not in RATING_RULES:
-        bad("data.ratings_rule", f"must be one of {', '.join(RATING_RULES)}, found '{cfg.data.ratings_rule}'.")
-    if cfg.data.on_bad_record not in ("error", "skip"):
-        bad("data.on_bad_record", f"must be error or skip, found '{cfg.data.on_bad_record}'.")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in cfg.data.fields.items()):
-        bad("data.fields", f"must map field names to field names, found {cfg.data.fields}.")
+    try:
+        formats.options_from(cfg.data).validate()
+    except PrefoptError as e:
+        raise PrefoptError(f"{source}: {e}") from None
     if cfg.data.max_prompt_length < 1:
         bad("data.max_prompt_length", f"must be >= 1, found {cfg.data.max_prompt_length}.")
     if not 0 <= cfg.train.warmup_ratio < 1:

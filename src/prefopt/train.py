@@ -18,6 +18,7 @@ from .data import formats
 from .data.tokenize import attach_kl_completions, tokenize_pairs
 from .errors import PrefoptError
 from .modeling import load, reference
+from .monitor import FailureMonitor
 
 log = logging.getLogger("prefopt")
 
@@ -139,7 +140,6 @@ def training_arguments(cfg: Config, bf16: bool):
 def make_trainer(cfg: Config, spec: losses.LossSpec, model, tokenizer, collator, train_examples: list,
                  eval_examples: list, bf16: bool, ref_model=None):
     """The PreferenceTrainer for tokenized examples (with ref_logps attached if precomputed)."""
-    from .monitor import FailureMonitor
     from .trainer import JsonlMetrics, PreferenceTrainer
 
     out = Path(cfg.train.output_dir)
@@ -193,7 +193,7 @@ def train(cfg: Config, progress: Optional[bool] = None) -> dict:
     trainer = make_trainer(cfg, spec, model, tokenizer, collator, train_examples, eval_examples, bf16, ref_model)
     out = Path(cfg.train.output_dir)
     result = trainer.train()
-    monitor = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "FailureMonitor")
+    monitor = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FailureMonitor))
     if monitor.nonfinite_step is not None:
         raise PrefoptError(f"training stopped at step {monitor.nonfinite_step}: the loss or gradient norm is not "
                            f"finite; the model was not saved ({out}/metrics.jsonl has the log). Lower train.lr "

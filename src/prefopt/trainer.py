@@ -41,6 +41,9 @@ def reference_outputs(model, batch: dict, ref_model=None, chunk: int = 1024) -> 
             return sequence_logps(model, batch, chunk)
 
 
+LENGTH_CORR_SEQS = 512  # sequences behind rewards/length_corr
+
+
 class PreferenceTrainer(Trainer):
     """`ld_alpha` (LD-DPO; None = off) and `wpo` (WPO pair weights) modify a paired loss: the
     batches must then come from a Collator built with ld_prefix=True (and, with precomputed
@@ -59,8 +62,9 @@ class PreferenceTrainer(Trainer):
         self.wpo = bool(wpo)
         self.loss_state = losses.BCOState() if loss.stateful else None
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        # recent (implicit reward, length) of trained sequences, for rewards/length_corr
-        self._reward_length: deque = deque(maxlen=512)
+        # (implicit rewards, lengths) of recently trained batches, kept on the device (no sync per
+        # step); rewards/length_corr is computed over their last LENGTH_CORR_SEQS sequences at log time
+        self._reward_length: deque = deque(maxlen=LENGTH_CORR_SEQS)
         # Our loss is a mean over the pairs of a micro-batch: the Trainer must divide by the number
         # of accumulation steps (1 × 8 accumulated == 8 × 1), never rescale by token counts.
         self.model_accepts_loss_kwargs = False
@@ -101,8 +105,9 @@ class PreferenceTrainer(Trainer):
                                             **self.loss_kwargs, **extra)
             stats = self._pair_stats(beta, logp_a, logp_b, ref_a, ref_b, len_a, len_b)
             if model.training and ref is not None:
-                rewards = torch.cat([stats["rewards/chosen"], stats["rewards/rejected"]]).float().cpu()
-                self._reward_length.extend(zip(rewards.tolist(), torch.cat([len_a, len_b]).float().cpu().tolist()))
+                self._reward_length.append(torch.stack([
+                    torch.cat([stats["rewards/chosen"], stats["rewards/rejected"]]).float(),
+                    torch.cat([len_a, len_b]).float()]))
             if self.wpo:  # the policy's own (plain, not LD) per-token probabilities, weight-aligned
                 raw_c, raw_r = split(out["logps"])
                 sq_c, sq_r = split(out["sq_mass"])
@@ -173,9 +178,9 @@ class PreferenceTrainer(Trainer):
             if v:
                 logs[prefix + k] = round(sum(v) / len(v), 6)
         self._metrics[split].clear()
-        if split == "train" and len(self._reward_length) >= 16:
-            r, n = torch.tensor(list(self._reward_length)).T
-            if r.std() > 0 and n.std() > 0:
+        if split == "train" and self._reward_length:
+            r, n = torch.cat(list(self._reward_length), 1)[:, -LENGTH_CORR_SEQS:].cpu()
+            if r.numel() >= 16 and r.std() > 0 and n.std() > 0:
                 logs["rewards/length_corr"] = round(torch.corrcoef(torch.stack([r, n]))[0, 1].item(), 4)
         super().log(logs, start_time)
 

@@ -68,7 +68,7 @@ def check(source: str, data_cfg, tokenizer, *, tokenizer_name: str = "") -> dict
     # -- content checks --------------------------------------------------------------------------
     keys = Counter(_key(it) for it in items)
     report["duplicates"] = sum(n - 1 for n in keys.values() if n > 1)
-    report["chosen_equals_rejected"] = loaded.skipped.get("chosen equals rejected", 0)
+    report["chosen_equals_rejected"] = loaded.skipped.get(formats.SAME_RESPONSES, 0)
     report["empty_responses"] = loaded.skipped.get("empty response", 0)
     report["diverge_before_last_turn"] = loaded.skipped.get("transcripts diverge before the last turn", 0)
     marked = [it.where for it in items if any(ROLE_MARKERS.search(_text_of(getattr(it, n))) for n in names)]
@@ -79,9 +79,11 @@ def check(source: str, data_cfg, tokenizer, *, tokenizer_name: str = "") -> dict
     # -- tokens ------------------------------------------------------------------------------------
     pt = PairTokenizer(tokenizer, max_length=10**9, max_prompt_length=10**9 - 1,
                        chat_template=data_cfg.chat_template)
+    # the configured truncation rule, applied by the same code as in training (its stats count truncations)
+    fitter = PairTokenizer(tokenizer, data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.truncation)
     lengths: dict[str, list[int]] = {"prompt": [], **{n: [] for n in names}}
     token_errors: Counter = Counter()
-    truncated = dropped = prompt_cut = chosen_longer = ties = 0
+    prompt_cut = chosen_longer = ties = 0
     lossy: list[str] = []  # string examples the tokenizer cannot reproduce (characters it drops or mangles)
     for it in items:
         try:
@@ -98,15 +100,12 @@ def check(source: str, data_cfg, tokenizer, *, tokenizer_name: str = "") -> dict
         lengths["prompt"].append(p)
         for n, r in zip(names, rs):
             lengths[n].append(r)
-        if p + max(rs) > data_cfg.max_length:
-            if data_cfg.truncation == "drop":
-                dropped += 1
-            else:
-                truncated += 1
-                prompt_cut += p > data_cfg.max_prompt_length
+        fitted = fitter.fit(ex["prompt_ids"], [ex[f"{n}_ids"] for n in names])
+        prompt_cut += fitted is not None and len(fitted[0]) < p
         if not unpaired:
             chosen_longer += rs[0] > rs[1]
             ties += rs[0] == rs[1]
+    truncated, dropped = fitter.stats.truncated, fitter.stats.dropped_too_long
     report["token_lengths"] = {n: _dist(v) for n, v in lengths.items()}
     report["not_reproduced_by_tokenizer"] = len(lossy)
     if lossy:
@@ -122,8 +121,7 @@ def check(source: str, data_cfg, tokenizer, *, tokenizer_name: str = "") -> dict
                                  "same_length": round(ties / tokenized, 3)}
 
     # -- verdict -----------------------------------------------------------------------------------
-    bad_records = sum(n for r, n in loaded.skipped.items() if r != "chosen equals rejected"
-                      and not r.startswith("no two scores"))
+    bad_records = sum(n for r, n in loaded.skipped.items() if r not in formats.BENIGN_SKIPS)
     usable_items = tokenized - dropped
     problems, warnings = [], []
     if bad_records and data_cfg.on_bad_record == "error":

@@ -46,12 +46,14 @@ from ..errors import PrefoptError
 ROLES = ("system", "user", "assistant", "tool")
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 SHAPES = ("standard", "conversational", "implicit", "sharegpt", "unpaired", "ratings")
-PAIRED_SHAPES = ("standard", "conversational", "implicit", "sharegpt", "ratings")
 RATING_RULES = ("best_vs_worst", "best_vs_random", "all_pairs")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "chatgpt": "assistant", "bard": "assistant", "system": "system",
                   "function_call": "assistant", "observation": "tool", "tool": "tool"}
 MAX_LINE_BYTES = 16 << 20  # a JSONL line longer than this is refused, not read into memory whole
+SAME_RESPONSES = "chosen equals rejected"  # skip reasons that are not bad records: always skipped, counted
+NO_SCORE_GAP = "no two scores differ by more than data.ratings_min_gap"
+BENIGN_SKIPS = (SAME_RESPONSES, NO_SCORE_GAP)
 TEXT_KEYS = ("response", "text", "completion", "content", "output", "answer")
 SCORE_KEYS = ("score", "rating", "overall_score", "reward")
 
@@ -94,6 +96,18 @@ class Options:
     assistant_marker: str = "\n\nAssistant:"
     on_bad_record: str = "error"  # error | skip (counted)
     seed: int = 0  # for best_vs_random
+
+    def validate(self) -> None:
+        """A PrefoptError naming the data.* key whose value is not one of its choices."""
+        if self.shape != "auto" and self.shape not in SHAPES:
+            raise PrefoptError(f"data.shape must be auto or one of {', '.join(SHAPES)}, found '{self.shape}'.")
+        if self.ratings_rule not in RATING_RULES:
+            raise PrefoptError(f"data.ratings_rule must be one of {', '.join(RATING_RULES)}, "
+                               f"found '{self.ratings_rule}'.")
+        if self.on_bad_record not in ("error", "skip"):
+            raise PrefoptError(f"data.on_bad_record must be error or skip, found '{self.on_bad_record}'.")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.fields.items()):
+            raise PrefoptError(f"data.fields must map field names to field names, found {self.fields}.")
 
 
 @dataclass
@@ -463,14 +477,16 @@ def _implicit(record, where: str, opt: Options) -> Pair:
         _check_messages(chosen, where, "chosen", final_role="assistant")
         _check_messages(rejected, where, "rejected", final_role="assistant")
         n = _common_prefix(chosen, rejected)
-        if n == len(chosen) == len(rejected):
-            raise _bad(where, None, "chosen and rejected are the same conversation.", "chosen equals rejected")
+        if n == len(chosen) == len(rejected):  # the same conversation: a pair with chosen == rejected (skipped)
+            n -= 1
         # the prompt ends before the first differing turn, which must be each one's last (assistant) turn
         if n == 0 or n != len(chosen) - 1 or n != len(rejected) - 1:
             raise _bad(where, None, f"chosen and rejected differ at message {n}, before their last turn "
                        f"({len(chosen)} and {len(rejected)} messages); an implicit-prompt pair must share every "
                        "turn but the final assistant reply.", "transcripts diverge before the last turn")
-        return Pair(chosen[:n], chosen[n:], rejected[n:], where)
+        prompt = chosen[:n]
+        return Pair(prompt, _check_response_messages(chosen[n:], prompt, where, "chosen"),
+                    _check_response_messages(rejected[n:], prompt, where, "rejected"), where)
     _text(chosen, where, "chosen")
     _text(rejected, where, "rejected")
     n = _common_prefix(chosen, rejected)
@@ -569,8 +585,7 @@ def _ratings(record, where: str, opt: Options, rng: random.Random, loaded: "Load
         else:
             pairs = [make(scored[best][1], scored[rng.choice(lower)][1])]
     if not pairs:
-        loaded.skip("no two scores differ by more than data.ratings_min_gap",
-                    f"{where}: no two completions' scores differ by more than {gap}.")
+        loaded.skip(NO_SCORE_GAP, f"{where}: no two completions' scores differ by more than {gap}.")
     return pairs
 
 
@@ -620,12 +635,7 @@ def load(source: str, split: str = "train", limit: Optional[int] = None,
     opt = options or Options()
     if limit is not None and limit < 1:
         raise PrefoptError(f"data.limit must be >= 1, found {limit}.")
-    if opt.shape != "auto" and opt.shape not in SHAPES:
-        raise PrefoptError(f"data.shape must be auto or one of {', '.join(SHAPES)}, found '{opt.shape}'.")
-    if opt.ratings_rule not in RATING_RULES:
-        raise PrefoptError(f"data.ratings_rule must be one of {', '.join(RATING_RULES)}, found '{opt.ratings_rule}'.")
-    if opt.on_bad_record not in ("error", "skip"):
-        raise PrefoptError(f"data.on_bad_record must be error or skip, found '{opt.on_bad_record}'.")
+    opt.validate()
     loaded = Loaded([], None if opt.shape == "auto" else opt.shape)
     rng = random.Random(opt.seed)
     for where, record in read_records(source, split):
@@ -644,7 +654,7 @@ def load(source: str, split: str = "train", limit: Optional[int] = None,
             continue
         for item in items:
             if isinstance(item, Pair) and item.chosen == item.rejected:
-                loaded.skip("chosen equals rejected", f"{where}: chosen equals rejected (no preference to learn).")
+                loaded.skip(SAME_RESPONSES, f"{where}: chosen equals rejected (no preference to learn).")
                 continue
             loaded.items.append(item)
         if limit is not None and len(loaded.items) >= limit:
