@@ -1,9 +1,12 @@
-"""`prefopt` command line: train | data check | demo.
+"""`prefopt` command line: train | data check | demo | report.
 
-    prefopt train CONFIG.yaml [--section.key value ...]   dotted flags override the YAML
+    prefopt train CONFIG.yaml [--resume] [--section.key value ...]
+                                                          dotted flags override the YAML; --resume
+                                                          continues from the newest checkpoint
     prefopt data check PATH [--config CONFIG.yaml] [--json] [--section.key value ...]
                                                           what is in a data file, what is wrong with it
     prefopt demo [--out DIR]                              the offline controlled-sentiment demo
+    prefopt report OUTDIR [--out DEST]                    HTML page with the plots of a run's metrics.jsonl
 
 Bad input (config, data, model path) prints one paragraph naming the file/line or key and exits
 with code 2; `--debug` shows the traceback instead.
@@ -27,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train from a YAML config; --section.key value overrides it")
     t.add_argument("config", nargs="?", help="YAML config file (optional when every key is given as a flag)")
-    t.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
+    t.add_argument("overrides", nargs=argparse.REMAINDER,
+                   help="--resume (continue from the newest complete checkpoint in train.output_dir) and "
+                   "--section.key value ...")
     data = sub.add_parser("data", help="inspect preference data").add_subparsers(dest="data_command", required=True)
     c = data.add_parser("check", help="report shape, counts, token lengths and problems of a data file; exit 2 "
                         "when it is not usable")
@@ -38,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a tiny run to check the machinery (not a result)")
+    r = sub.add_parser("report", help="write an HTML report (plots + summary) of a run's metrics.jsonl")
+    r.add_argument("outdir", help="the run's output folder")
+    r.add_argument("--out", default=None, help="report folder (default: OUTDIR/report)")
     return p
 
 
@@ -61,8 +69,13 @@ def main(argv=None) -> int:
             from . import config
             from .train import train
 
-            cfg = config.load(args.config or None, rest)
-            summary = train(cfg)
+            resume = "--resume" in rest
+            cfg = config.load(args.config or None, [a for a in rest if a != "--resume"])
+            summary = train(cfg, resume=resume)
+            if "interrupted" in summary:
+                print(f"stopped at step {summary['interrupted']}; checkpoint saved in {summary['checkpoint']}; "
+                      "continue with --resume", file=sys.stderr)
+                return 130
             print(f"trained {summary['steps']} steps; model saved in {summary['output_dir']}")
             return 0
         if args.command == "data":
@@ -71,6 +84,11 @@ def main(argv=None) -> int:
             from .demo import run_demo
 
             run_demo(out=args.out, seed=args.seed, quick=args.quick)
+            return 0
+        if args.command == "report":
+            from .report import write_report
+
+            print(write_report(args.outdir, args.out))
             return 0
     except PrefoptError as e:
         if debug:

@@ -118,7 +118,8 @@ class TrainConfig:
     prefix_sharing: bool = True  # prompt computed once per pair: [prompt | chosen | rejected]
     lm_head_chunk: int = 1024  # tokens per lm-head chunk; 0 = unchunked
     logging_steps: int = 1
-    save_steps: int = 0  # 0: no intermediate checkpoints
+    save_steps: int = 500  # checkpoint every N steps (what --resume continues from); 0: none
+    save_total_limit: int = 2  # keep the newest N checkpoints; 0: keep all
     eval_steps: int = 0
     report_to: Union[str, list] = "none"
     num_workers: int = 0
@@ -353,6 +354,9 @@ def validate(cfg: Config, source: str = "config") -> None:
     for key in ("batch_size", "grad_accum"):
         if getattr(cfg.train, key) < 1:
             bad(f"train.{key}", f"must be >= 1, found {getattr(cfg.train, key)}.")
+    for key in ("save_steps", "save_total_limit", "eval_steps"):
+        if getattr(cfg.train, key) < 0:
+            bad(f"train.{key}", f"must be >= 0 (0 = off), found {getattr(cfg.train, key)}.")
     if cfg.train.lr <= 0:
         bad("train.lr", f"must be > 0, found {cfg.train.lr}.")
     if cfg.lora.r < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -10,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from . import checkpoints
 from . import config as config_mod
 from . import losses
 from .config import Config
@@ -128,6 +130,7 @@ def training_arguments(cfg: Config, bf16: bool):
         logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=t.save_steps if t.save_steps > 0 else 500,
+        save_total_limit=t.save_total_limit or None,
         eval_strategy="steps" if t.eval_steps > 0 else "no",
         eval_steps=t.eval_steps if t.eval_steps > 0 else None,
         report_to=t.report_to,
@@ -138,22 +141,46 @@ def training_arguments(cfg: Config, bf16: bool):
 
 
 def make_trainer(cfg: Config, spec: losses.LossSpec, model, tokenizer, collator, train_examples: list,
-                 eval_examples: list, bf16: bool, ref_model=None):
-    """The PreferenceTrainer for tokenized examples (with ref_logps attached if precomputed)."""
+                 eval_examples: list, bf16: bool, ref_model=None, args=None, resume_step: Optional[int] = None):
+    """The PreferenceTrainer for tokenized examples (with ref_logps attached if precomputed).
+    OUT/metrics.jsonl starts afresh, or when resuming from step `resume_step` keeps its lines up
+    to that step."""
     from .trainer import JsonlMetrics, PreferenceTrainer
 
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    args = args or training_arguments(cfg, bf16)
     metrics_path = out / "metrics.jsonl"
-    if metrics_path.exists():
-        metrics_path.unlink()
+    if args.should_save:
+        _keep_metrics_up_to(metrics_path, resume_step)
     loss_kwargs = {k: getattr(cfg.loss, k) for k in spec.hyperparameters}
     return PreferenceTrainer(
-        model=model, args=training_arguments(cfg, bf16), train_dataset=train_examples,
+        model=model, args=args, train_dataset=train_examples,
         eval_dataset=eval_examples or None, data_collator=collator, processing_class=tokenizer,
         loss=spec, loss_kwargs=loss_kwargs, ref_model=ref_model, lm_head_chunk=cfg.train.lm_head_chunk,
-        ld_alpha=cfg.loss.ld_alpha, wpo=cfg.loss.wpo, callbacks=[JsonlMetrics(metrics_path), FailureMonitor()],
+        ld_alpha=cfg.loss.ld_alpha, wpo=cfg.loss.wpo,
+        callbacks=[JsonlMetrics(metrics_path), FailureMonitor(), checkpoints.GracefulStop()],
     )
+
+
+def _keep_metrics_up_to(path: Path, step: Optional[int]) -> None:
+    """Truncate the metrics log to the steps <= `step` (all of it removed when step is None), so a
+    resumed run's log holds each step once."""
+    if not path.exists():
+        return
+    if step is None:
+        path.unlink()
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:  # a line cut by the kill
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
 def make_collator(cfg: Config, tokenizer) -> Collator:
@@ -162,10 +189,15 @@ def make_collator(cfg: Config, tokenizer) -> Collator:
                     ld_prefix=cfg.loss.ld_alpha is not None)
 
 
-def train(cfg: Config, progress: Optional[bool] = None) -> dict:
-    """Run one training job described by `cfg`; returns a summary (paths, first/last loss)."""
+def train(cfg: Config, progress: Optional[bool] = None, resume: bool = False) -> dict:
+    """Run one training job described by `cfg`; returns a summary (paths, first/last loss).
+
+    resume: continue from the newest complete checkpoint in the output folder (from the start if
+    there is none). A Ctrl-C / SIGTERM stops after the current step with a checkpoint saved; the
+    summary then has `interrupted` = the step, and no final model is written."""
     progress = cfg.train.progress if progress is None else progress
     t0 = time.time()
+    out = Path(cfg.train.output_dir)
     seed_everything(cfg.train.seed)
     spec = config_mod.resolve_loss(cfg.loss)
     path = load.resolve(cfg.model.name)
@@ -173,6 +205,8 @@ def train(cfg: Config, progress: Optional[bool] = None) -> dict:
     train_examples, eval_examples, _ = load_examples(cfg, tokenizer, spec, progress)
 
     bf16 = use_bf16(cfg.train.bf16)
+    args = training_arguments(cfg, bf16)  # sets up the distributed state under accelerate/torchrun
+    checkpoint = _checkpoint_to_resume(cfg, out) if resume else None
     model = build_model(cfg, path)
     collator = make_collator(cfg, tokenizer)
 
@@ -180,39 +214,111 @@ def train(cfg: Config, progress: Optional[bool] = None) -> dict:
     if spec.needs_reference:
         if cfg.reference.precompute:
             cache = Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else load.cache_dir() / "reference"
-            for exs in (train_examples, eval_examples):
-                reference.precompute(model, exs, collator, cache_dir=cache, batch_size=2 * cfg.train.batch_size,
-                                     chunk=cfg.train.lm_head_chunk,
-                                     autocast_dtype=torch.bfloat16 if bf16 else None, progress=progress)
+            if torch.cuda.is_available():
+                model.to(args.device)
+            # rank 0 computes and caches; the other ranks then read the cache
+            with args.main_process_first(desc="reference log-probs"):
+                for exs in (train_examples, eval_examples):
+                    reference.precompute(model, exs, collator, cache_dir=cache,
+                                         batch_size=2 * cfg.train.batch_size, chunk=cfg.train.lm_head_chunk,
+                                         autocast_dtype=torch.bfloat16 if bf16 else None, progress=progress)
         elif not cfg.lora.enabled:
             ref_model = load.load_model(path, dtype=cfg.model.dtype,
                                         attn_implementation=cfg.model.attn_implementation,
                                         revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
             ref_model.requires_grad_(False).eval()
 
-    trainer = make_trainer(cfg, spec, model, tokenizer, collator, train_examples, eval_examples, bf16, ref_model)
-    out = Path(cfg.train.output_dir)
-    result = trainer.train()
+    resume_step = _step_of(checkpoint) if checkpoint else None
+    trainer = make_trainer(cfg, spec, model, tokenizer, collator, train_examples, eval_examples, bf16, ref_model,
+                           args=args, resume_step=resume_step)
+    if trainer.is_world_process_zero():
+        config_mod.save(cfg, out / "prefopt.yaml")
+    if checkpoint is not None and _finished(checkpoint):
+        # killed after the last step's checkpoint but before the final save: transformers would
+        # take one more step on resuming, so only the weights are restored here
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(str(checkpoint))
+        trainer.state = TrainerState.load_from_json(str(checkpoint / checkpoints.COMPLETE_MARKER))
+        result = None
+    else:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     monitor = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FailureMonitor))
     if monitor.nonfinite_step is not None:
         raise PrefoptError(f"training stopped at step {monitor.nonfinite_step}: the loss or gradient norm is not "
-                           f"finite; the model was not saved ({out}/metrics.jsonl has the log). Lower train.lr "
-                           "or check the data.")
-    if eval_examples:
-        trainer.evaluate()
-    trainer.save_model(str(out))
-    if cfg.lora.enabled and cfg.lora.merge and trainer.is_world_process_zero():
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(out / "merged", safe_serialization=True)
-        tokenizer.save_pretrained(out / "merged")
-    if trainer.is_world_process_zero():
-        config_mod.save(cfg, out / "prefopt.yaml")
+                           f"finite; the model was not saved ({out}/metrics.jsonl has the log"
+                           + (f"; {checkpoints.latest(out)} is the last good checkpoint" if checkpoints.latest(out)
+                              else "") + "). Lower train.lr or check the data.")
+    stop = next(c for c in trainer.callback_handler.callbacks if isinstance(c, checkpoints.GracefulStop))
     losses_seen = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     summary = {
         "output_dir": str(out), "steps": trainer.state.global_step, "train_pairs": len(train_examples),
         "eval_pairs": len(eval_examples), "first_loss": losses_seen[0] if losses_seen else None,
-        "last_loss": losses_seen[-1] if losses_seen else None, "train_runtime": result.metrics.get("train_runtime"),
-        "wall_s": round(time.time() - t0, 1), "bf16": bf16,
+        "last_loss": losses_seen[-1] if losses_seen else None, "train_runtime": result.metrics.get("train_runtime") if result else None,
+        "wall_s": round(time.time() - t0, 1), "bf16": bf16, "resumed_from": str(checkpoint) if checkpoint else None,
     }
+    if stop.stopped_at is not None:
+        summary["interrupted"] = stop.stopped_at
+        summary["checkpoint"] = str(out / f"{checkpoints.PREFIX}{stop.stopped_at}")
+        log.warning("stopped at step %d; checkpoint saved in %s; continue with --resume", stop.stopped_at,
+                    summary["checkpoint"])
+        return summary
+    if eval_examples:
+        trainer.evaluate()
+    _save_final(trainer, out)
+    if cfg.lora.enabled and cfg.lora.merge and trainer.is_world_process_zero():
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(out / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(out / "merged")
     log.info("done: %s", summary)
     return summary
+
+
+def _save_final(trainer, out: Path) -> None:
+    """The trained model into `out`, each file written in OUT/.partial/final and renamed into
+    place, so a kill during the save never leaves a truncated weights file."""
+    import shutil
+
+    staging = out / checkpoints.STAGING / "final"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        for f in sorted(staging.iterdir()):
+            f.replace(out / f.name)
+        checkpoints.clear_staging(out)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _finished(checkpoint: Path) -> bool:
+    state = json.loads((checkpoint / checkpoints.COMPLETE_MARKER).read_text())
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name[len(checkpoints.PREFIX):])
+
+
+def _checkpoint_to_resume(cfg: Config, out: Path) -> Optional[Path]:
+    """The newest complete checkpoint in `out` (None: start from the beginning), after warning
+    about settings that differ from the run that wrote it."""
+    checkpoint = checkpoints.latest(out)
+    if checkpoint is None:
+        log.warning("--resume: no complete checkpoint in %s; starting from the beginning", out)
+        return None
+    saved = out / "prefopt.yaml"
+    if saved.is_file():
+        import yaml
+
+        before = yaml.safe_load(saved.read_text()) or {}
+        now = cfg.resolved()
+        changed = [f"{sec}.{k}" for sec, keys in now.items() if isinstance(keys, dict)
+                   for k, v in keys.items() if isinstance(before.get(sec), dict) and k in before[sec]
+                   and before[sec][k] != v and (sec, k) not in (("train", "progress"),)]
+        if changed:
+            log.warning("--resume: these settings differ from the run that wrote %s: %s; the result will not "
+                        "equal an uninterrupted run's", checkpoint, ", ".join(changed))
+    log.info("resuming from %s", checkpoint)
+    return checkpoint

@@ -7,6 +7,8 @@ stay transformers'/accelerate's. Metrics use the names TRL users know.
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections import defaultdict, deque
 from pathlib import Path
 from typing import Optional
@@ -14,7 +16,7 @@ from typing import Optional
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import losses
+from . import checkpoints, losses
 from .modeling.logprobs import sequence_logps
 
 
@@ -65,6 +67,9 @@ class PreferenceTrainer(Trainer):
         # (implicit rewards, lengths) of recently trained batches, kept on the device (no sync per
         # step); rewards/length_corr is computed over their last LENGTH_CORR_SEQS sequences at log time
         self._reward_length: deque = deque(maxlen=LENGTH_CORR_SEQS)
+        # real (non-pad) tokens trained on since the last log, for throughput/tokens_per_s
+        self._tokens = torch.zeros((), dtype=torch.long)
+        self._tokens_since = None
         # Our loss is a mean over the pairs of a micro-batch: the Trainer must divide by the number
         # of accumulation steps (1 × 8 accumulated == 8 × 1), never rescale by token counts.
         self.model_accepts_loss_kwargs = False
@@ -84,6 +89,10 @@ class PreferenceTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = sequence_logps(model, inputs, self.lm_head_chunk, sq_mass=self.wpo)
+        if model.training:
+            if self._tokens_since is None:
+                self._tokens_since = time.perf_counter()
+            self._tokens = self._tokens.to(inputs["doc_ids"].device) + (inputs["doc_ids"] >= 0).sum()
         # Sequences come in twos — (chosen, rejected) for pairs, (completion, mismatched completion
         # for the KL baseline) for KTO — or alone (an unpaired completion without KL baseline).
         K = 2 if self.loss_spec.paired else out["logps"].shape[0] // inputs["labels_bool"].shape[0]
@@ -165,6 +174,41 @@ class PreferenceTrainer(Trainer):
             stats["kl"] = (kl_logp - kl_ref).mean().clamp(min=0)[None]
         return stats
 
+    # ---- checkpoints: atomic, and no pickle ----
+
+    def _save_checkpoint(self, model, trial):
+        """transformers' checkpoint, written into OUT/.partial and renamed into place only when
+        complete (see prefopt.checkpoints)."""
+        run_dir = self.args.output_dir
+        name = f"{checkpoints.PREFIX}{self.state.global_step}"
+        staging = os.path.join(run_dir, checkpoints.STAGING)
+        if self.args.should_save:
+            checkpoints.clear_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+        keep, self.args.save_total_limit = self.args.save_total_limit, None
+        self.args.output_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir, self.args.save_total_limit = run_dir, keep
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are written
+        if self.args.should_save:
+            checkpoints.publish(Path(staging) / name, Path(run_dir) / name)
+            checkpoints.prune(run_dir, keep or 0)
+            checkpoints.clear_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _save(self, output_dir=None, state_dict=None):
+        """The model as safetensors (transformers' own save) and the training arguments as JSON
+        instead of the pickled training_args.bin, which nothing here reads."""
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            pickled = Path(output_dir) / "training_args.bin"
+            if pickled.exists():
+                pickled.unlink()
+            (Path(output_dir) / "training_args.json").write_text(self.args.to_json_string())
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -182,6 +226,11 @@ class PreferenceTrainer(Trainer):
             r, n = torch.cat(list(self._reward_length), 1)[:, -LENGTH_CORR_SEQS:].cpu()
             if r.numel() >= 16 and r.std() > 0 and n.std() > 0:
                 logs["rewards/length_corr"] = round(torch.corrcoef(torch.stack([r, n]))[0, 1].item(), 4)
+        if split == "train" and "loss" in logs and self._tokens_since is not None:
+            tokens = self.accelerator.reduce(self._tokens.clone(), "sum").item()  # all ranks
+            logs["throughput/tokens_per_s"] = round(tokens / max(time.perf_counter() - self._tokens_since, 1e-9), 1)
+            self._tokens.zero_()
+            self._tokens_since = time.perf_counter()
         super().log(logs, start_time)
 
 
