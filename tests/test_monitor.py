@@ -19,7 +19,7 @@ from prefopt.train import train
 def feed(rows, **kw):
     mon, control = FailureMonitor(**kw), TrainerControl()
     for step, row in enumerate(rows, 1):
-        mon.on_log(None, SimpleNamespace(global_step=step), control, logs={"loss": 0.5, **row})
+        mon.on_log(None, SimpleNamespace(global_step=step, is_world_process_zero=True), control, logs={"loss": 0.5, **row})
     return mon, control
 
 

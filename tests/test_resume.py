@@ -219,3 +219,24 @@ def test_resume_without_checkpoint_starts_from_the_beginning(setup, caplog):
     summary = train(config.load(str(write_config(tmp_path, raw, out, max_steps=2)), []), resume=True)
     assert summary["steps"] == 2 and summary["resumed_from"] is None
     assert "no complete checkpoint" in caplog.text
+
+
+def test_resume_restores_the_running_state_of_a_stateful_loss(setup):
+    """BCO's running reward mean δ is part of the checkpoint: resuming from step 4 of 8 gives the
+    uninterrupted run's weights, which it would not with δ reset."""
+    tmp_path, raw, _ = setup
+    raw["loss"] = {"name": "bco_pair", "beta": 0.1}
+    out = tmp_path / "bco"
+    cfg = config.load(str(write_config(tmp_path, raw, out, epochs=1.0, save_steps=4, save_total_limit=0)), [])
+    train(cfg)
+    uninterrupted = load_file(str(out / "model.safetensors"))
+    state = json.loads((out / "checkpoint-4" / "prefopt_loss_state.json").read_text())
+    assert state["count"] == 4 * 2 * 2 and state["mean"] != 0  # 4 steps of 2 pairs, 2 rewards each
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-8")
+    (out / "model.safetensors").unlink()
+    summary = train(cfg, resume=True)
+    assert summary["resumed_from"].endswith("checkpoint-4")
+    resumed = load_file(str(out / "model.safetensors"))
+    assert max((uninterrupted[k] - resumed[k]).abs().max().item() for k in resumed) <= 1e-6

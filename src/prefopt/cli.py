@@ -61,7 +61,11 @@ def main(argv=None) -> int:
     else:
         args = parser.parse_args(argv)
         rest = getattr(args, "overrides", [])
-    logging.basicConfig(level=logging.INFO, format="prefopt: %(message)s", stream=sys.stderr)
+    # under torchrun / accelerate launch only rank 0 reports progress; every rank reports problems
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="prefopt: %(message)s" if rank == 0 else f"prefopt[rank {rank}]: %(message)s",
+                        stream=sys.stderr)
     from .errors import PrefoptError
 
     try:
@@ -76,7 +80,8 @@ def main(argv=None) -> int:
                 print(f"stopped at step {summary['interrupted']}; checkpoint saved in {summary['checkpoint']}; "
                       "continue with --resume", file=sys.stderr)
                 return 130
-            print(f"trained {summary['steps']} steps; model saved in {summary['output_dir']}")
+            if rank == 0:
+                print(f"trained {summary['steps']} steps; model saved in {summary['output_dir']}")
             return 0
         if args.command == "data":
             return _data_check(args, rest)

@@ -121,7 +121,7 @@ class TrainConfig:
     save_steps: int = 500  # checkpoint every N steps (what --resume continues from); 0: none
     save_total_limit: int = 2  # keep the newest N checkpoints; 0: keep all
     eval_steps: int = 0
-    report_to: Union[str, list] = "none"
+    report_to: Union[str, list] = "none"  # besides OUT/metrics.jsonl: tensorboard | trackio | wandb | mlflow | ...
     num_workers: int = 0
     progress: bool = True
 
@@ -286,6 +286,27 @@ def resolve_loss(loss: LossConfig, source: str = "config"):
     return losses.REGISTRY[key]
 
 
+# where metrics go besides OUT/metrics.jsonl: transformers' integrations, each needing its package
+REPORT_TO = {"tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",), "wandb": ("wandb",),
+             "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+             "swanlab": ("swanlab",), "neptune": ("neptune",), "codecarbon": ("codecarbon",)}
+
+
+def _check_report_to(value, source: str) -> None:
+    import importlib.util
+
+    names = [value] if isinstance(value, str) else list(value)
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in REPORT_TO:
+            raise PrefoptError(f"{source}: 'train.report_to' has '{name}'; expected none, all, or any of "
+                               f"{', '.join(REPORT_TO)} (a list for several).")
+        if not any(importlib.util.find_spec(m) for m in REPORT_TO[name]):
+            raise PrefoptError(f"{source}: 'train.report_to' has '{name}', but its package is not installed: "
+                               f"pip install {REPORT_TO[name][0]}")
+
+
 def validate(cfg: Config, source: str = "config") -> None:
     from . import losses
 
@@ -354,6 +375,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     for key in ("batch_size", "grad_accum"):
         if getattr(cfg.train, key) < 1:
             bad(f"train.{key}", f"must be >= 1, found {getattr(cfg.train, key)}.")
+    _check_report_to(cfg.train.report_to, source)
     for key in ("save_steps", "save_total_limit", "eval_steps"):
         if getattr(cfg.train, key) < 0:
             bad(f"train.{key}", f"must be >= 0 (0 = off), found {getattr(cfg.train, key)}.")

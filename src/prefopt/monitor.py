@@ -34,16 +34,19 @@ class FailureMonitor(TrainerCallback):
         self.history: deque = deque(maxlen=window)
         self.warned: dict[str, int] = {}  # failure mode -> step of its warning
         self.nonfinite_step = None
+        self.speak = True  # logs are global under DDP: only rank 0 says what they show
 
     def warn(self, kind: str, step: int, message: str) -> None:
         if kind not in self.warned:
             self.warned[kind] = step
-            log.warning("step %d: %s", step, message)
+            if self.speak:
+                log.warning("step %d: %s", step, message)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs or any(k.startswith("eval_") for k in logs):
             return
         step = state.global_step
+        self.speak = state.is_world_process_zero
         for key in ("loss", "grad_norm"):
             value = logs.get(key)
             if value is not None and not math.isfinite(value):

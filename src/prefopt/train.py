@@ -207,6 +207,7 @@ def train(cfg: Config, progress: Optional[bool] = None, resume: bool = False) ->
     bf16 = use_bf16(cfg.train.bf16)
     args = training_arguments(cfg, bf16)  # sets up the distributed state under accelerate/torchrun
     checkpoint = _checkpoint_to_resume(cfg, out) if resume else None
+    _check_zero3(cfg, spec)
     model = build_model(cfg, path)
     collator = make_collator(cfg, tokenizer)
 
@@ -233,6 +234,8 @@ def train(cfg: Config, progress: Optional[bool] = None, resume: bool = False) ->
                            args=args, resume_step=resume_step)
     if trainer.is_world_process_zero():
         config_mod.save(cfg, out / "prefopt.yaml")
+    if checkpoint is not None:
+        trainer.restore_loss_state(checkpoint)
     if checkpoint is not None and _finished(checkpoint):
         # killed after the last step's checkpoint but before the final save: transformers would
         # take one more step on resuming, so only the weights are restored here
@@ -290,6 +293,23 @@ def _save_final(trainer, out: Path) -> None:
             f.replace(out / f.name)
         checkpoints.clear_staging(out)
     trainer.accelerator.wait_for_everyone()
+
+
+def _check_zero3(cfg: Config, spec: losses.LossSpec) -> None:
+    """Under DeepSpeed ZeRO-3 the weights exist only sharded inside the engine: no precompute
+    pass and no frozen full reference copy outside it."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not (spec.needs_reference and is_deepspeed_zero3_enabled()):
+        return
+    if cfg.reference.precompute:
+        raise PrefoptError("config: 'reference.precompute' is true, but under DeepSpeed ZeRO-3 the weights are "
+                           "sharded, so the reference cannot be computed before training; set "
+                           "reference.precompute: false (with lora.enabled: true), or use ZeRO-2 or FSDP.")
+    if not cfg.lora.enabled:
+        raise PrefoptError("config: a full fine-tune with a reference model under DeepSpeed ZeRO-3 would need a "
+                           "second sharded engine for the frozen reference, which prefopt does not set up; use "
+                           "lora.enabled: true, a reference-free loss, ZeRO-2 or FSDP.")
 
 
 def _finished(checkpoint: Path) -> bool:

@@ -44,6 +44,21 @@ def reference_outputs(model, batch: dict, ref_model=None, chunk: int = 1024) -> 
 
 
 LENGTH_CORR_SEQS = 512  # sequences behind rewards/length_corr
+LOSS_STATE_FILE = "prefopt_loss_state.json"  # in a checkpoint: the state a stateful loss keeps across steps
+
+
+class _GlobalBCOState(losses.BCOState):
+    """BCO's running reward mean over every rank's rewards: each rank folds in the gathered batch,
+    so all ranks keep the same δ (the single-process value for the same global batch)."""
+
+    def __init__(self, accelerator):
+        super().__init__()
+        self.accelerator = accelerator
+
+    def update(self, rewards: torch.Tensor) -> float:
+        if self.accelerator.num_processes > 1:
+            rewards = self.accelerator.gather(rewards.detach().contiguous())
+        return super().update(rewards)
 
 
 class PreferenceTrainer(Trainer):
@@ -62,7 +77,7 @@ class PreferenceTrainer(Trainer):
         self.lm_head_chunk = lm_head_chunk
         self.ld_alpha = ld_alpha
         self.wpo = bool(wpo)
-        self.loss_state = losses.BCOState() if loss.stateful else None
+        self.loss_state = _GlobalBCOState(self.accelerator) if loss.stateful else None
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         # (implicit rewards, lengths) of recently trained batches, kept on the device (no sync per
         # step); rewards/length_corr is computed over their last LENGTH_CORR_SEQS sequences at log time
@@ -106,7 +121,10 @@ class PreferenceTrainer(Trainer):
             return (None, None) if x is None else (x[0::K], x[1::K] if K == 2 else None)
 
         (logp_a, logp_b), (len_a, len_b), (ref_a, ref_b) = split(logps), split(out["lengths"]), split(ref)
-        extra = {"state": self.loss_state} if self.loss_spec.stateful else {}
+        extra = {}
+        if self.loss_spec.stateful:  # evaluation uses the running state without advancing it
+            extra["state"] = self.loss_state if model.training else losses.BCOState(self.loss_state.mean,
+                                                                                    self.loss_state.count)
         beta = self.loss_kwargs.get("beta") or 1.0
         weights = None
         if self.loss_spec.paired:
@@ -130,13 +148,20 @@ class PreferenceTrainer(Trainer):
                 kl_ref = self.accelerator.gather(kl_ref)
             per_example = self.loss_spec.fn(logp_a, ref_a, label, kl_logp=kl_logp, kl_ref_logp=kl_ref,
                                             len=len_a, **self.loss_kwargs, **extra)
-            stats = self._unpaired_stats(beta, label, logp_a, ref_a, logp_b, ref_b)
+            stats = self._unpaired_stats(beta, label, logp_a, ref_a, kl_logp, kl_ref)  # KL over the global batch
         loss = (per_example if weights is None else weights * per_example).mean()
         split_name = "train" if model.training else "eval"
-        for k, v in stats.items():
-            v = self.accelerator.gather_for_metrics(v.detach().float())
-            if v.numel():  # a batch may hold no desirable (or no undesirable) example
-                self._metrics[split_name][k].append(v.mean().item())
+        # means over the global batch from one reduction of (sum, count) per metric: a rank's batch
+        # may hold no desirable (or no undesirable) example, so sizes differ between ranks
+        keys = list(stats)
+        sums = torch.stack([stats[k].detach().float().sum() for k in keys])
+        counts = torch.tensor([float(stats[k].numel()) for k in keys], device=sums.device)
+        totals = torch.stack([sums, counts])
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, "sum")
+        for k, total, n in zip(keys, *totals.tolist()):
+            if n:
+                self._metrics[split_name][k].append(total / n)
         if return_outputs:
             # what the loss saw, for inspection: the (LD-modified) log-probs, the per-example losses
             # and the WPO weights (None when off)
@@ -189,6 +214,10 @@ class PreferenceTrainer(Trainer):
         self.args.output_dir = staging
         try:
             super()._save_checkpoint(model, trial)
+            if self.loss_state is not None and self.args.should_save:  # BCO's running reward mean
+                state = {"mean": self.loss_state.mean, "count": self.loss_state.count}
+                name_dir = Path(staging) / name
+                (name_dir / LOSS_STATE_FILE).write_text(json.dumps(state))
         finally:
             self.args.output_dir, self.args.save_total_limit = run_dir, keep
         self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are written
@@ -197,6 +226,13 @@ class PreferenceTrainer(Trainer):
             checkpoints.prune(run_dir, keep or 0)
             checkpoints.clear_staging(run_dir)
         self.accelerator.wait_for_everyone()
+
+    def restore_loss_state(self, checkpoint) -> None:
+        """The stateful loss's state (BCO's running mean) as saved in `checkpoint`."""
+        path = Path(checkpoint) / LOSS_STATE_FILE
+        if self.loss_state is not None and path.is_file():
+            saved = json.loads(path.read_text())
+            self.loss_state.mean, self.loss_state.count = float(saved["mean"]), int(saved["count"])
 
     def _save(self, output_dir=None, state_dict=None):
         """The model as safetensors (transformers' own save) and the training arguments as JSON

@@ -126,9 +126,14 @@ def load_model(name_or_path: str, *, dtype: str = "float32", attn_implementation
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation,
             revision=revision, trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # never unpickle weights: a .bin-only model is refused
         )
     except OSError as e:
-        raise PrefoptError(f"model.name: could not load a model from '{name_or_path}': {e}") from None
+        hint = ""
+        if Path(name_or_path).is_dir() and not any(Path(name_or_path).glob("*.safetensors")):
+            hint = (" The folder holds no .safetensors weights; prefopt does not load pickled (.bin/.pt) weights. "
+                    "Convert them once with transformers (from_pretrained + save_pretrained) if you trust the file.")
+        raise PrefoptError(f"model.name: could not load a model from '{name_or_path}': {e}{hint}") from None
     model.config.use_cache = False
     return model
 

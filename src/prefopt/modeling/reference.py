@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -129,7 +130,7 @@ def precompute(model, examples: list[dict], collator, *, cache_dir: Optional[Pat
             from safetensors.torch import save_file
 
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes sharing the cache never collide
             save_file({k: values[k].contiguous() for k in names}, str(tmp))
             tmp.replace(path)
     for k in names:
