@@ -1,11 +1,20 @@
-"""`prefopt` command line: train | data check | demo | report.
+"""`prefopt` command line: train | data check | eval | score | demo | report.
 
     prefopt train CONFIG.yaml [--resume] [--section.key value ...]
                                                           dotted flags override the YAML; --resume
                                                           continues from the newest checkpoint
     prefopt data check PATH [--config CONFIG.yaml] [--json] [--section.key value ...]
                                                           what is in a data file, what is wrong with it
+    prefopt eval --model OUT --data PATH [--json]         the trained model as a reward model on preference
+                                                          data: implicit-reward accuracy and margins beside
+                                                          the reference's likelihood ranking
+    prefopt eval --model OUT --prompts PATH [--reward NAME] [--samples N] [--max-new-tokens N] [--seed N] [--json]
+                                                          sample policy and reference, compare their rewards
+    prefopt score --model OUT --data PATH [--out FILE]    JSONL of the implicit reward of every response
+                                                          (default OUT/scores/<data name>.jsonl)
     prefopt demo [--out DIR]                              the offline controlled-sentiment demo
+    prefopt frontier [CONFIG] [--quick] [--key value ...] reward vs KL over a grid of losses x beta (CSV + PNG)
+    prefopt rounds [CONFIG] [--quick] [--key value ...]   on-policy rounds: sample, score, pair, train, repeat
     prefopt report OUTDIR [--out DEST]                    HTML page with the plots of a run's metrics.jsonl
 
 Bad input (config, data, model path) prints one paragraph naming the file/line or key and exits
@@ -39,6 +48,33 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("path", help="data file, save_to_disk folder or hub id")
     c.add_argument("--config", help="YAML config whose model (tokenizer) and data options apply")
     c.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    e = sub.add_parser("eval", help="evaluate a trained model: implicit rewards on preference data (--data), or "
+                       "samples scored by a reward function (--prompts)")
+    e.add_argument("--model", required=True, metavar="OUT", help="output folder of a `prefopt train` run")
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--data", metavar="PATH", help="preference data (pairs, or completion + label), read "
+                       "with the run's data options")
+    which.add_argument("--prompts", metavar="PATH", help="prompts (.txt one per line, or .jsonl with 'prompt') "
+                       "to sample from policy and reference")
+    e.add_argument("--reward", default="vader", help="reward function for --prompts (default: vader)")
+    e.add_argument("--samples", type=int, default=4, help="samples per prompt for --prompts (default: 4)")
+    e.add_argument("--max-new-tokens", type=int, default=32, help="for --prompts (default: 32)")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed for --prompts (default: 0)")
+    e.add_argument("--batch-size", type=int, default=8, help="examples per forward for --data (default: 8)")
+    e.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    s = sub.add_parser("score", help="write the implicit reward of every response of a data file as JSONL")
+    s.add_argument("--model", required=True, metavar="OUT", help="output folder of a `prefopt train` run")
+    s.add_argument("--data", required=True, metavar="PATH", help="preference data")
+    s.add_argument("--out", default=None, metavar="FILE", help="JSONL to write (default: OUT/scores/<data name>.jsonl)")
+    s.add_argument("--batch-size", type=int, default=8, help="examples per forward (default: 8)")
+    for name, text in (("frontier", "reward-KL frontier: a grid of losses x beta on a prompt set with a reward "
+                                     "(CSV + PNG)"),
+                       ("rounds", "on-policy rounds: sample from the current policy, score, pair, train, repeat")):
+        x = sub.add_parser(name, help=text)
+        x.add_argument("config", nargs="?", help="experiment YAML (keys: see docs/evaluation.md); default: the "
+                       "built-in sentiment task")
+        x.add_argument("--quick", action="store_true", help="a tiny run to check the machinery (not a result)")
+        x.epilog = "Any experiment key can be given as --key value (a YAML value), e.g. --grid '{ipo: [0.1, 1]}'."
     d = sub.add_parser("demo", help="offline controlled-sentiment DPO demo on the embedded model")
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     d.add_argument("--seed", type=int, default=0)
@@ -56,7 +92,13 @@ def main(argv=None) -> int:
     argv = [a for a in argv if a != "--debug"]
     if argv[:1] == ["train"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] not in ("--help", "-h"):
         argv.insert(1, "")  # no config file: every key comes from flags
-    if argv[:2] == ["data", "check"]:
+    if argv[:1] in (["frontier"], ["rounds"]) and not {"-h", "--help"} & set(argv):
+        # [CONFIG] [--quick] then --key value pairs of the experiment config
+        tail = argv[1:]
+        config_path = tail.pop(0) if tail and not tail[0].startswith("--") else None
+        args = argparse.Namespace(command=argv[0], config=config_path, quick="--quick" in tail)
+        rest = [a for a in tail if a != "--quick"]
+    elif argv[:2] == ["data", "check"]:
         args, rest = parser.parse_known_args(argv)
     else:
         args = parser.parse_args(argv)
@@ -85,6 +127,18 @@ def main(argv=None) -> int:
             return 0
         if args.command == "data":
             return _data_check(args, rest)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "score":
+            from .evaluate import score_data
+
+            res = score_data(args.model, args.data, args.out, batch_size=args.batch_size)
+            acc = res["policy"].get("reward_accuracy", res["policy"].get("sign_accuracy"))
+            what = "reward accuracy" if res["shape"] == "paired" else "sign accuracy"
+            print(f"wrote {res['lines']} lines to {res['out']} ({what} {acc:.3f}, reward r = {res['reward']})")
+            return 0
+        if args.command in ("frontier", "rounds"):
+            return _experiment(args, rest)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -103,6 +157,62 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("prefopt: interrupted", file=sys.stderr)
         return 130
+    return 0
+
+
+def _experiment(args, overrides_argv: list[str]) -> int:
+    import json
+
+    import yaml
+
+    from .errors import PrefoptError
+    from .experiment import ExperimentConfig, as_dict, load_config
+
+    rest = list(overrides_argv)
+    overrides = {}
+    while rest:
+        key = rest.pop(0)
+        if not key.startswith("--") or not rest:
+            raise PrefoptError(f"{args.command}: expected --key value pairs, found '{key}'.")
+        overrides[key[2:].replace("-", "_")] = yaml.safe_load(rest.pop(0))
+    cfg = load_config(args.config, overrides)
+    if args.quick:
+        cfg = ExperimentConfig.quick(**{k: v for k, v in as_dict(cfg).items()
+                                        if k in ("model", "prompts", "reward", "out", "seed", "loss", "beta",
+                                                 "pairs", "rounds")})
+    if args.command == "frontier":
+        from .frontier import run_frontier
+
+        res = run_frontier(cfg)
+        for r in res["rows"]:
+            print(f"  {r['loss']:<10} beta {r['beta']:<6g} reward {r['reward_policy']:.3f} "
+                  f"(gain {r['reward_gain']:+.3f} ± {r['reward_se']:.2f}) at KL {r['kl_nats']:.2f} nats")
+        print(f"wrote {res['csv']} and {res['png']} ({res['seconds']:.0f} s)")
+    else:
+        from .rounds import run_rounds, table
+
+        res = run_rounds(cfg)
+        print(table(res))
+        print(f"wrote {res['csv']} ({res['seconds']:.0f} s)")
+    with open(f"{cfg.out}/{args.command}.json", "w") as f:
+        json.dump(res, f, indent=2, default=str)
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+
+    from .evaluate import evaluate_data, format_report
+
+    if args.prompts is not None:
+        from .gen_eval import format_table, run_generation_eval
+
+        res = run_generation_eval(model_dir=args.model, prompts=args.prompts, reward=args.reward,
+                                  samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        print(json.dumps(res, ensure_ascii=False) if args.json else format_table(res))
+        return 0
+    res = evaluate_data(args.model, args.data, batch_size=args.batch_size)
+    print(json.dumps(res, ensure_ascii=False) if args.json else format_report(res))
     return 0
 
 

@@ -21,9 +21,12 @@ from pathlib import Path
 
 import torch
 
+from . import config as config_mod
 from .config import Config, LoraConfig, LossConfig, TrainConfig, resolve_loss, validate
 from .modeling import load, reference
-from .sampling import response_logps, sample
+from . import rewards
+from .gen_eval import generation_eval
+from .sampling import sample
 from .tasks.sentiment import prompts as review_prompts
 from .tasks.sentiment import vader_reward
 from .train import make_collator, make_trainer, seed_everything, use_bf16
@@ -105,41 +108,25 @@ def run_demo(out: str = "runs/demo", seed: int = 0, quick: bool = False, setting
     trainer = make_trainer(cfg, resolve_loss(cfg.loss), model, tokenizer, collator, examples, [], bf16)
     trainer.train()
     trainer.save_model(str(out_dir))
+    cfg.model.name, cfg.lora = "default", LoraConfig(enabled=True, r=s.lora_r, alpha=s.lora_alpha)
+    config_mod.save(cfg, out_dir / "prefopt.yaml")  # so that prefopt eval / score read the run back
     times["train"] = time.time() - t
     train_log = [h for h in trainer.state.log_history if "loss" in h]
 
     # 4. evaluate on held-out prompts
     t = time.time()
-    ref_samples = sample(model, tokenizer, eval_ids, s.eval_samples, max_new_tokens=s.max_new_tokens, seed=seed + 2,
-                         reference=True, desc="4/4 sampling reference")
-    model.merge_adapter()  # sampling from the merged policy is faster; unmerged again below
-    try:
-        pol_samples = sample(model, tokenizer, eval_ids, s.eval_samples, max_new_tokens=s.max_new_tokens,
-                             seed=seed + 2, reference=False, desc="4/4 sampling policy")
-        flat = lambda nested: [r for rs in nested for r in rs]  # noqa: E731
-        rep = lambda ids: [p for p in ids for _ in range(s.eval_samples)]  # noqa: E731
-        lp_pol = response_logps(model, tokenizer.pad_token_id, rep(eval_ids), flat(pol_samples),
-                                autocast_dtype=autocast)
-    finally:
-        model.unmerge_adapter()
-    lp_ref = response_logps(model, tokenizer.pad_token_id, rep(eval_ids), flat(pol_samples), reference=True,
-                            autocast_dtype=autocast)
+    ev = generation_eval(model, tokenizer, eval_ids, eval_text, rewards.vader, samples=s.eval_samples,
+                         max_new_tokens=s.max_new_tokens, seed=seed + 2, autocast_dtype=autocast)
+    ref_samples, pol_samples = ev["ref_samples"], ev["policy_samples"]
     decode = lambda rs: [tokenizer.decode(r, skip_special_tokens=True) for r in rs]  # noqa: E731
-    ref_rewards = vader_reward(decode(flat(ref_samples)))
-    pol_rewards = vader_reward(decode(flat(pol_samples)))
-    kl = (lp_pol - lp_ref).mean().item()
-    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(pol_rewards, ref_rewards)]
     times["eval"] = time.time() - t
     times["total"] = time.time() - t0
 
-    n = len(ref_rewards)
-    sd = lambda xs: (sum((x - _mean(xs)) ** 2 for x in xs) / max(1, len(xs) - 1)) ** 0.5  # noqa: E731
     result = {
-        "pairs": len(examples), "ties_dropped": ties, "eval_samples": n,
-        "reward_reference": round(_mean(ref_rewards), 3), "reward_policy": round(_mean(pol_rewards), 3),
-        "reward_gain": round(_mean(pol_rewards) - _mean(ref_rewards), 3),
-        "reward_se": round(((sd(ref_rewards) ** 2 + sd(pol_rewards) ** 2) / n) ** 0.5, 3),
-        "win_rate": round(_mean(wins), 3), "kl_nats": round(kl, 2),
+        "pairs": len(examples), "ties_dropped": ties, "eval_samples": ev["samples"],
+        "reward_reference": round(ev["reward_reference"], 3), "reward_policy": round(ev["reward_policy"], 3),
+        "reward_gain": round(ev["reward_gain"], 3), "reward_se": round(ev["reward_se"], 3),
+        "win_rate": round(ev["win_rate"], 3), "kl_nats": round(ev["kl_nats"], 2),
         "first_loss": round(train_log[0]["loss"], 4), "last_loss": round(train_log[-1]["loss"], 4),
         "steps": trainer.state.global_step, "settings": s.__dict__,
         "seconds": {k: round(v, 1) for k, v in times.items()},

@@ -1,0 +1,296 @@
+"""Reward-driven experiments on a prompt set: sample from a model, score with a reward function,
+build preference pairs, train a LoRA adapter, measure reward and KL on held-out prompts.
+
+`prefopt demo`, `prefopt frontier` (a grid of losses × β) and `prefopt rounds` (on-policy
+iterations) are this loop with different settings. An experiment config (YAML):
+
+    model: default                  # as in a training config
+    prompts: sentiment              # built-in movie-review openings, or a .txt/.jsonl prompts file
+    reward: vader                   # see prefopt.rewards: vader | length | regex:... | keywords:... | module:fn
+    train_prompts: 200              # the first N (shuffled with seed) train, the last eval_prompts evaluate
+    eval_prompts: 40
+    samples: 8                      # responses per training prompt; best vs worst (or RSO) make pairs
+    eval_samples: 4
+    max_new_tokens: 32
+    pairs: best_vs_worst            # best_vs_worst | rso (rejection sampling toward π_ref·exp(r/β))
+    loss: sigmoid                   # for rounds; frontier uses grid
+    beta: 0.1
+    grid: {sigmoid: [0.05, 0.1, 0.2], ipo: [...], simpo: [...], kto: [...]}   # frontier: loss -> betas
+    rounds: 2                       # rounds: on-policy iterations
+    lr: 4.0e-4
+    epochs: 1.0
+    batch_size: 8
+    lora_r: 16
+    lora_alpha: 32
+    seed: 0
+    out: runs/experiment
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import PrefoptError
+
+log = logging.getLogger("prefopt")
+
+
+@dataclass
+class ExperimentConfig:
+    model: str = "default"
+    prompts: str = "sentiment"
+    reward: str = "vader"
+    train_prompts: int = 200
+    eval_prompts: int = 40
+    samples: int = 8
+    eval_samples: int = 4
+    max_new_tokens: int = 32
+    pairs: str = "best_vs_worst"
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    grid: dict = field(default_factory=lambda: {"sigmoid": [0.05, 0.1, 0.3], "ipo": [0.1, 0.5, 2.0],
+                                                "simpo": [1.0, 2.5, 5.0], "kto": [0.05, 0.1, 0.3]})
+    rounds: int = 2
+    lr: float = 4e-4
+    epochs: float = 1.0
+    batch_size: int = 8
+    lora_r: int = 16
+    lora_alpha: int = 32
+    seed: int = 0
+    out: str = "runs/experiment"
+    progress: bool = True
+
+    @classmethod
+    def quick(cls, **kw) -> "ExperimentConfig":
+        """A tiny run that checks the machinery (not a result)."""
+        base = dict(train_prompts=12, eval_prompts=4, samples=2, eval_samples=2, max_new_tokens=8, batch_size=4,
+                    grid={"sigmoid": [0.1], "kto": [0.1]})
+        return cls(**{**base, **kw})
+
+
+def load_config(path: Optional[str], overrides: Optional[dict] = None) -> ExperimentConfig:
+    import yaml
+
+    from .config import _type_ok, _section_types
+
+    raw = {}
+    source = "command line"
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise PrefoptError(f"{path}: config file not found.")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise PrefoptError(f"{path}: not valid YAML ({e}).") from None
+        source = path
+    if not isinstance(raw, dict):
+        raise PrefoptError(f"{source}: expected a mapping of keys, found {type(raw).__name__}.")
+    raw = {**raw, **(overrides or {})}
+    types_ = _section_types(ExperimentConfig)
+    cfg = ExperimentConfig()
+    for key, value in raw.items():
+        if key not in types_:
+            raise PrefoptError(f"{source}: unknown key '{key}'. Known keys: {', '.join(types_)}.")
+        try:
+            setattr(cfg, key, _type_ok(value, types_[key]))
+        except ValueError as e:
+            raise PrefoptError(f"{source}: '{key}' must be {e}.") from None
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig, source: str = "config") -> None:
+    from . import losses, rewards
+
+    def bad(key, msg):
+        raise PrefoptError(f"{source}: '{key}' {msg}")
+
+    rewards.get(cfg.reward)  # a clear error now, not after sampling
+    for key in ("train_prompts", "eval_prompts", "samples", "eval_samples", "max_new_tokens", "batch_size",
+                "lora_r", "lora_alpha", "rounds"):
+        if getattr(cfg, key) < 1:
+            bad(key, f"must be >= 1, found {getattr(cfg, key)}.")
+    if cfg.samples < 2:
+        bad("samples", "must be >= 2: a pair needs two responses to the same prompt.")
+    if cfg.pairs not in ("best_vs_worst", "rso"):
+        bad("pairs", f"must be best_vs_worst or rso, found '{cfg.pairs}'.")
+    for name in [cfg.loss, *cfg.grid]:
+        if losses.ALIASES.get(name, name) not in losses.names():
+            bad("loss" if name == cfg.loss else f"grid.{name}", f"is not a loss; known: {', '.join(losses.names())}.")
+    for name, betas in cfg.grid.items():
+        if not isinstance(betas, list) or not betas or not all(isinstance(b, (int, float)) and b > 0 for b in betas):
+            bad(f"grid.{name}", f"must be a list of positive betas, found {betas!r}.")
+    if cfg.beta <= 0 or cfg.lr <= 0 or cfg.epochs <= 0:
+        bad("beta/lr/epochs", "must be > 0.")
+
+
+class Experiment:
+    """The loaded model, tokenizer, prompts and reward of an experiment, and its steps."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        from . import rewards
+        from .modeling import load
+        from .train import seed_everything, use_bf16
+
+        self.cfg = cfg
+        seed_everything(cfg.seed)
+        self.reward = rewards.get(cfg.reward)
+        self.path = load.resolve(cfg.model)
+        self.tokenizer = load.load_tokenizer(self.path)
+        texts = self._prompt_texts()
+        need = cfg.train_prompts + cfg.eval_prompts
+        if len(texts) < need:
+            raise PrefoptError(f"prompts '{cfg.prompts}': {len(texts)} prompts, but train_prompts + eval_prompts = "
+                               f"{need}.")
+        order = list(range(len(texts)))
+        random.Random(cfg.seed).shuffle(order)
+        self.train_text = [texts[i] for i in order[:cfg.train_prompts]]
+        self.eval_text = [texts[i] for i in order[len(order) - cfg.eval_prompts:]]
+        enc = lambda ts: [self.tokenizer(t, add_special_tokens=False).input_ids for t in ts]  # noqa: E731
+        self.train_ids, self.eval_ids = enc(self.train_text), enc(self.eval_text)
+        self.bf16 = use_bf16("auto")
+        self.autocast = torch.bfloat16 if self.bf16 else None
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._ref_eval_samples = None
+
+    def _prompt_texts(self) -> list[str]:
+        if self.cfg.prompts == "sentiment":
+            from .tasks.sentiment import prompts
+
+            return prompts()
+        from .gen_eval import read_prompts
+
+        texts, _ = read_prompts(self.cfg.prompts, self.tokenizer)
+        return texts
+
+    def fresh_policy(self):
+        """The base model with a new LoRA adapter (the reference is the adapter disabled)."""
+        from .config import LoraConfig
+        from .modeling import load
+
+        torch.manual_seed(self.cfg.seed)
+        return load.add_lora(load.load_model(self.path),
+                             LoraConfig(enabled=True, r=self.cfg.lora_r, alpha=self.cfg.lora_alpha))
+
+    def pairs(self, model, *, from_reference: bool, seed: int, beta: Optional[float] = None,
+              desc: str = "sampling pairs") -> tuple[list[dict], dict]:
+        """Sample `samples` responses per training prompt (from the reference or the current policy),
+        score them and build pairs; returns (examples, counts)."""
+        from .sampling import sample
+
+        if not from_reference and hasattr(model, "merge_adapter"):
+            model.merge_adapter()
+        try:
+            samples = sample(model, self.tokenizer, self.train_ids, self.cfg.samples,
+                             max_new_tokens=self.cfg.max_new_tokens, seed=seed, reference=from_reference,
+                             progress=self.cfg.progress, desc=desc)
+        finally:
+            if not from_reference and hasattr(model, "merge_adapter"):
+                model.unmerge_adapter()
+        examples, counts = build_pairs(self.train_ids, self.train_text, samples, self.tokenizer, self.reward,
+                                       self.cfg.pairs, beta or self.cfg.beta, seed)
+        if len(examples) < 2:
+            raise PrefoptError(f"reward '{self.cfg.reward}': only {len(examples)} pair(s) from {counts['prompts']} "
+                               f"prompts ({counts['ties']} tied, {counts['too_few_accepted']} with too few RSO "
+                               "acceptances); the reward does not tell the samples apart. Use more samples, more "
+                               "prompts or another reward.")
+        return examples, counts
+
+    def train(self, model, examples: list[dict], loss: str, beta: float, out: Path, unpaired: bool = False):
+        """Train `model`'s adapter on `examples` (pairs; unpaired=True: binarised into desirable /
+        undesirable completions for KTO-like losses). Returns the trainer's log."""
+        from .config import Config, LossConfig, TrainConfig, resolve_loss, validate as validate_cfg
+        from .modeling import reference
+        from .data.tokenize import attach_kl_completions
+        from .train import KL_BASELINE_LOSSES, make_collator, make_trainer
+
+        cfg = Config(loss=LossConfig(name=loss, beta=beta),
+                     train=TrainConfig(output_dir=str(out), epochs=self.cfg.epochs, batch_size=self.cfg.batch_size,
+                                       lr=self.cfg.lr, warmup_ratio=0.1, seed=self.cfg.seed, logging_steps=1,
+                                       save_steps=0, progress=self.cfg.progress))
+        validate_cfg(cfg, "experiment")
+        spec = resolve_loss(cfg.loss)
+        if not spec.paired:
+            examples = binarise(examples)
+            if spec.name in KL_BASELINE_LOSSES:
+                attach_kl_completions(examples, self.cfg.seed)
+        examples = [dict(ex) for ex in examples]  # the reference values attached below stay with this run
+        collator = make_collator(cfg, self.tokenizer)
+        if spec.needs_reference:
+            reference.precompute(model, examples, collator, cache_dir=None, batch_size=32,
+                                 chunk=cfg.train.lm_head_chunk, autocast_dtype=self.autocast,
+                                 progress=self.cfg.progress)
+        trainer = make_trainer(cfg, spec, model, self.tokenizer, collator, examples, [], self.bf16)
+        trainer.train()
+        return [h for h in trainer.state.log_history if "loss" in h]
+
+    def evaluate(self, model) -> dict:
+        """Reward and KL of the policy against the reference on the held-out prompts (the reference
+        samples are drawn once and reused)."""
+        from .gen_eval import generation_eval
+
+        res = generation_eval(model, self.tokenizer, self.eval_ids, self.eval_text, self.reward,
+                              samples=self.cfg.eval_samples, max_new_tokens=self.cfg.max_new_tokens,
+                              seed=self.cfg.seed + 2, autocast_dtype=self.autocast,
+                              ref_samples=self._ref_eval_samples, progress=self.cfg.progress)
+        self._ref_eval_samples = res["ref_samples"]
+        return res
+
+
+def build_pairs(prompt_ids, prompt_texts, samples, tokenizer, reward, rule: str, beta: float, seed: int):
+    """Pairs from scored samples: best vs worst of each prompt's samples, or (rso) best vs worst of
+    the samples accepted by rejection sampling toward π_ref·exp(r/β) (accept y_i with probability
+    exp((r_i − max_j r_j)/β)). Prompts whose chosen and rejected scores tie are dropped, counted."""
+    rng = random.Random(seed)
+    examples, counts = [], {"prompts": len(prompt_ids), "ties": 0, "too_few_accepted": 0}
+    for p, text, responses in zip(prompt_ids, prompt_texts, samples):
+        decoded = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        scores = reward([text] * len(decoded), decoded)
+        idx = list(range(len(scores)))
+        if rule == "rso":
+            top = max(scores)
+            idx = [i for i in idx if rng.random() < math.exp((scores[i] - top) / beta)]
+            if len(idx) < 2:
+                counts["too_few_accepted"] += 1
+                continue
+        best = max(idx, key=scores.__getitem__)
+        worst = min(idx, key=scores.__getitem__)
+        if scores[best] == scores[worst]:
+            counts["ties"] += 1
+            continue
+        examples.append({"prompt_ids": p, "chosen_ids": responses[best], "rejected_ids": responses[worst],
+                         "chosen_reward": scores[best], "rejected_reward": scores[worst]})
+    counts["pairs"] = len(examples)
+    return examples, counts
+
+
+def binarise(pairs: list[dict]) -> list[dict]:
+    """Pairs -> unpaired examples: each chosen a desirable completion, each rejected an undesirable one."""
+    out = []
+    for ex in pairs:
+        out.append({"prompt_ids": ex["prompt_ids"], "completion_ids": ex["chosen_ids"], "label": True})
+        out.append({"prompt_ids": ex["prompt_ids"], "completion_ids": ex["rejected_ids"], "label": False})
+    return out
+
+
+def summary_row(**kw) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in kw.items()}
+
+
+def elapsed(t0: float) -> float:
+    return round(time.time() - t0, 1)
+
+
+def as_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,85 @@
+"""A trained output folder loaded back as policy + reference, with the config that made it.
+
+    OUT/prefopt.yaml          the resolved training config (beta, loss, data options, base model)
+    OUT/adapter_config.json   LoRA: the policy is base + adapter, the reference the adapter disabled
+    OUT/config.json           full fine-tune: the policy is OUT, the reference the base model named
+                              in prefopt.yaml (a second copy in memory)
+
+A checkpoint folder (OUT/checkpoint-N) works too: its config is read from OUT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..errors import PrefoptError
+
+
+@dataclass
+class Trained:
+    model: object  # the policy (a peft model for LoRA)
+    ref_model: Optional[object]  # the frozen reference for a full fine-tune; None for LoRA
+    tokenizer: object
+    cfg: object  # prefopt.config.Config of the run
+    spec: object  # prefopt.losses.LossSpec of the run's loss
+    path: Path
+
+    @property
+    def beta(self) -> float:
+        return float(self.cfg.loss.beta) if self.cfg.loss.beta is not None else 1.0
+
+    def reference(self):
+        """Context manager yielding the reference model (adapter disabled, or the frozen copy)."""
+        if self.ref_model is not None:
+            return contextlib.nullcontext(self.ref_model)
+        return _disabled(self.model)
+
+
+@contextlib.contextmanager
+def _disabled(model):
+    with model.disable_adapter():
+        yield model
+
+
+def find_config(out: Path) -> Path:
+    for folder in (out, out.parent):
+        if (folder / "prefopt.yaml").is_file():
+            return folder / "prefopt.yaml"
+    raise PrefoptError(f"{out}: no prefopt.yaml here or in its parent folder; give the output folder of a "
+                       "`prefopt train` run (it holds the model and the resolved config).")
+
+
+def load_trained(out_dir: str, dtype: Optional[str] = None) -> Trained:
+    from .. import config as config_mod
+    from . import load
+
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise PrefoptError(f"{out_dir}: no such folder; give the output folder of a `prefopt train` run.")
+    cfg = config_mod.load(str(find_config(out)))
+    spec = config_mod.resolve_loss(cfg.loss)
+    dtype = dtype or cfg.model.dtype
+    tokenizer_dir = out if (out / "tokenizer_config.json").is_file() else load.resolve(cfg.model.name)
+    tokenizer = load.load_tokenizer(str(tokenizer_dir), trust_remote_code=cfg.model.trust_remote_code)
+    base_path = load.resolve(cfg.model.name)
+    common = dict(dtype=dtype, attn_implementation=cfg.model.attn_implementation, revision=cfg.model.revision,
+                  trust_remote_code=cfg.model.trust_remote_code)
+    if (out / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load.load_model(base_path, **common), str(out))
+        ref_model = None
+    elif (out / "config.json").is_file():
+        model = load.load_model(str(out), **{**common, "revision": None})
+        ref_model = load.load_model(base_path, **common) if spec.needs_reference else None
+    else:
+        raise PrefoptError(f"{out}: holds neither a model (config.json) nor a LoRA adapter (adapter_config.json); "
+                           "was the training run finished? (an interrupted run's weights are in its checkpoint-N "
+                           "folders)")
+    model.eval()
+    if ref_model is not None:
+        ref_model.requires_grad_(False).eval()
+    return Trained(model=model, ref_model=ref_model, tokenizer=tokenizer, cfg=cfg, spec=spec, path=out)

@@ -1,0 +1,111 @@
+"""Reward-driven experiments on the tiny model: generation eval (KL is 0 for a policy equal to its
+reference and positive once it moves), pairs from scored samples (best vs worst, RSO), the
+reward–KL frontier and on-policy rounds end to end."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from prefopt.experiment import ExperimentConfig, Experiment, binarise, build_pairs
+from prefopt.gen_eval import generation_eval
+from prefopt import rewards
+
+
+def quick(tiny_dir, tmp_path, **kw):
+    return ExperimentConfig.quick(**{"model": tiny_dir, "reward": "length", "out": str(tmp_path / "exp"),
+                                     "progress": False, "max_new_tokens": 6, **kw})
+
+
+def test_generation_eval_kl_is_zero_for_the_reference_and_positive_after_a_move(tiny_dir, tmp_path):
+    exp = Experiment(quick(tiny_dir, tmp_path))
+    model = exp.fresh_policy()  # a fresh LoRA adapter is zero: the policy is the reference
+    with torch.no_grad():  # the random tiny model is near uniform; peaked logits make moves visible
+        model.get_input_embeddings().weight.mul_(40.0)  # tied: the lm-head too, policy and reference alike
+    res = generation_eval(model, exp.tokenizer, exp.eval_ids, exp.eval_text, exp.reward, samples=3,
+                          max_new_tokens=6, seed=5, progress=False)
+    assert res["policy_samples"] == res["ref_samples"]
+    assert abs(res["kl_nats"]) < 1e-4 and res["reward_gain"] == 0 and res["win_rate"] == 0.5
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    moved = generation_eval(model, exp.tokenizer, exp.eval_ids, exp.eval_text, exp.reward, samples=3,
+                            max_new_tokens=6, seed=5, ref_samples=res["ref_samples"], progress=False)
+    assert moved["kl_nats"] > 0.01
+    assert moved["reward_reference"] == res["reward_reference"]  # the reference samples were reused
+
+
+def test_build_pairs_best_vs_worst_and_rso(smol_tokenizer):
+    tok = smol_tokenizer
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    prompts = [enc("Review:"), enc("Film:")]
+    samples = [[enc(" a"), enc(" a b c"), enc(" a b")], [enc(" x y"), enc(" z w")]]  # second prompt: a tie
+    length = rewards.get("length")
+    pairs, counts = build_pairs(prompts, ["Review:", "Film:"], samples, tok, length, "best_vs_worst", 1.0, 0)
+    assert counts == {"prompts": 2, "ties": 1, "too_few_accepted": 0, "pairs": 1}
+    assert pairs[0]["chosen_ids"] == enc(" a b c") and pairs[0]["rejected_ids"] == enc(" a")
+    # RSO: acceptance exp((r - max r)/β); a tiny β keeps only the best sample of the first prompt (no
+    # pair possible) and both tied samples of the second (accepted, then dropped as a tie)
+    _, counts = build_pairs(prompts, ["Review:", "Film:"], samples, tok, length, "rso", 1e-6, 0)
+    assert counts == {"prompts": 2, "ties": 1, "too_few_accepted": 1, "pairs": 0}
+    pairs, counts = build_pairs(prompts, ["Review:", "Film:"], samples, tok, length, "rso", 1e6, 0)
+    assert counts["pairs"] == 1  # a huge β accepts everything: best vs worst again
+    unpaired = binarise(pairs)
+    assert [u["label"] for u in unpaired] == [True, False]
+
+
+def test_frontier_and_rounds_end_to_end(tiny_dir, tmp_path):
+    from prefopt.frontier import run_frontier
+    from prefopt.rounds import run_rounds
+
+    cfg = quick(tiny_dir, tmp_path, grid={"sigmoid": [0.1, 0.5], "kto": [0.1]}, lr=5e-2)
+    res = run_frontier(cfg)
+    with open(res["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["loss"], float(r["beta"])) for r in rows] == [("sigmoid", 0.1), ("sigmoid", 0.5), ("kto", 0.1)]
+    assert all(math.isfinite(float(r["kl_nats"])) for r in rows)
+    assert any(float(r["kl_nats"]) > 0.01 for r in rows)  # lr 5e-2: the policies moved
+    png = open(res["png"], "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    rounds = run_rounds(quick(tiny_dir, tmp_path, rounds=2, lr=5e-2, out=str(tmp_path / "rounds")))
+    runs = [(r["run"], r["round"]) for r in rounds["rows"]]
+    assert runs == [("on-policy", 1), ("on-policy", 2), ("offline x2 epochs", 2)]
+    assert rounds["rows"][2]["steps"] == rounds["rows"][0]["steps"] + rounds["rows"][1]["steps"] or \
+        rounds["rows"][2]["steps"] == 2 * rounds["rows"][0]["steps"]
+
+
+def test_experiment_config_errors(tmp_path):
+    from prefopt.errors import PrefoptError
+    from prefopt.experiment import load_config
+
+    with pytest.raises(PrefoptError, match="unknown key 'betas'"):
+        load_config(None, {"betas": [0.1]})
+    with pytest.raises(PrefoptError, match="grid.dpox"):
+        load_config(None, {"grid": {"dpox": [0.1]}})
+    with pytest.raises(PrefoptError, match="samples"):
+        load_config(None, {"samples": 1})
+    with pytest.raises(PrefoptError, match="reward 'sentimental'"):
+        load_config(None, {"reward": "sentimental"})
+
+
+def test_cli_rounds_and_frontier_quick(tiny_dir, tmp_path, capsys):
+    from prefopt.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["rounds", "--quick", "--model", tiny_dir, "--reward", "length", "--out", str(out),
+                 "--rounds", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "on-policy" in text and "offline x2 epochs" in text and (out / "rounds.csv").is_file()
+    assert main(["frontier", "--quick", "--model", tiny_dir, "--reward", "length", "--out", str(out)]) == 0
+    assert (out / "frontier.png").is_file() and (out / "frontier.json").is_file()
+    capsys.readouterr()
+    # a reward that scores every sample the same gives no pairs: a clear error, not a crash
+    assert main(["frontier", "--quick", "--model", tiny_dir, "--reward", "regex:^NEVER$", "--out", str(out)]) == 2
+    assert "does not tell the samples apart" in capsys.readouterr().err
+    assert main(["frontier", "--model", tiny_dir, "--grid", "{dpo: [0]}"]) == 2
+    assert "grid.dpo" in capsys.readouterr().err
