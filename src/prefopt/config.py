@@ -425,20 +425,24 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+def read_yaml(path: Optional[str]) -> tuple[dict, str]:
+    """(the mapping in YAML file `path`, its name for messages); ({}, "command line") for no file."""
+    if path is None:
+        return {}, "command line"
+    p = Path(path)
+    if not p.is_file():
+        raise PrefoptError(f"{path}: config file not found.")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise PrefoptError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+    return raw, str(path)
+
+
 def load(path: Optional[str], overrides: Optional[list[str]] = None) -> Config:
-    raw: dict = {}
-    source = "command line"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise PrefoptError(f"{path}: config file not found.")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise PrefoptError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
-        source = str(path)
+    raw, source = read_yaml(path)
     cfg_raw = merge(raw, parse_overrides(overrides or []))
     return from_dict(cfg_raw, source)
 

@@ -83,34 +83,12 @@ def rewards_of(trained, logps: torch.Tensor, ref_logps: Optional[torch.Tensor], 
 def sequence_table(model, examples: list[dict], collator, *, batch_size: int = 8, chunk: int = 1024,
                    progress: bool = False, desc: str = "policy log-probs") -> dict:
     """{"logps", "lengths"}: [len(examples), K] float64 summed log-probs and token counts of every
-    response under `model` as it is (a peft model's adapter on, unless the caller disabled it).
-    K = 2 for pairs (chosen, rejected), 1 for unpaired completions. Mirrors
-    reference.compute_all: sorted by length, float32, eval mode."""
-    from tqdm.auto import tqdm
+    response under `model` as it is (a peft model's adapter on, unless the caller disabled it),
+    in float32. K = 2 for pairs (chosen, rejected), 1 for unpaired completions."""
+    from .modeling.reference import per_response
 
-    from .data.collate import responses_of, row_length
-    from .modeling.logprobs import sequence_logps
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: row_length(examples[i], collator.prefix_sharing))
-    K = len(responses_of(examples[0]))
-    out = {k: torch.zeros(len(examples), K, dtype=torch.float64) for k in ("logps", "lengths")}
-    bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress)
-    try:
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            batch = {k: v.to(device) for k, v in collator([examples[i] for i in idx]).items()}
-            with torch.autocast(device.type, enabled=False):
-                res = sequence_logps(model, batch, chunk)
-            for k in out:
-                out[k][idx] = res[k].double().cpu().view(len(idx), K)
-            bar.update(len(idx))
-    finally:
-        bar.close()
-        model.train(was_training)
-    return out
+    return per_response(model, examples, collator, {"logps": "logps", "lengths": "lengths"}, adapter_off=False,
+                        batch_size=batch_size, chunk=chunk, progress=progress, desc=desc)
 
 
 def _reference_model(trained):

@@ -78,21 +78,9 @@ class ExperimentConfig:
 
 
 def load_config(path: Optional[str], overrides: Optional[dict] = None) -> ExperimentConfig:
-    import yaml
+    from .config import _section_types, _type_ok, read_yaml
 
-    from .config import _type_ok, _section_types
-
-    raw = {}
-    source = "command line"
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise PrefoptError(f"{path}: config file not found.")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise PrefoptError(f"{path}: not valid YAML ({e}).") from None
-        source = path
+    raw, source = read_yaml(path or None)
     if not isinstance(raw, dict):
         raise PrefoptError(f"{source}: expected a mapping of keys, found {type(raw).__name__}.")
     raw = {**raw, **(overrides or {})}

@@ -68,6 +68,20 @@ def compute_all(model, examples: list[dict], collator, *, batch_size: int = 8, c
     """{"ref_logps": [len(examples), K]} summed log-probs of every response under `model` with any
     adapter off; with a collator built with `ld_prefix=True` also "ref_prefix_logps" (the sums over
     each response's first min(len_c, len_r) tokens, for LD-DPO)."""
+    keys = {"ref_logps": "logps"}
+    if getattr(collator, "ld_prefix", False):
+        keys["ref_prefix_logps"] = "prefix_logps"
+    return per_response(model, examples, collator, keys, adapter_off=True, batch_size=batch_size, chunk=chunk,
+                        autocast_dtype=autocast_dtype, progress=progress, desc=desc)
+
+
+@torch.no_grad()
+def per_response(model, examples: list[dict], collator, keys: dict, *, adapter_off: bool, batch_size: int = 8,
+                 chunk: int = 1024, autocast_dtype: Optional[torch.dtype] = None, progress: bool = True,
+                 desc: str = "log-probs") -> dict:
+    """{name: [len(examples), K] float64} of every response of `examples`, where `keys` maps each
+    name to an output of sequence_logps ("logps", "lengths", "prefix_logps"); in eval mode,
+    examples batched in order of length, any adapter off when `adapter_off`."""
     from tqdm.auto import tqdm
 
     from ..data.collate import responses_of, row_length
@@ -77,13 +91,10 @@ def compute_all(model, examples: list[dict], collator, *, batch_size: int = 8, c
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: row_length(examples[i], collator.prefix_sharing))
     K = len(responses_of(examples[0]))
-    keys = {"ref_logps": "logps"}
-    if getattr(collator, "ld_prefix", False):
-        keys["ref_prefix_logps"] = "prefix_logps"
     out = {k: torch.zeros(len(examples), K, dtype=torch.float64) for k in keys}
     bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress)
     try:
-        with _disabled_adapter(model):
+        with _disabled_adapter(model) if adapter_off else contextlib.nullcontext():
             for s in range(0, len(order), batch_size):
                 idx = order[s:s + batch_size]
                 batch = {k: v.to(device) for k, v in collator([examples[i] for i in idx]).items()}
