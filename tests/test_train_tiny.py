@@ -75,6 +75,14 @@ def test_gradient_checkpointing_with_lora_still_trains(tiny_dir, pairs_file, tmp
     same_metrics(a, b)
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_mlp_checkpointing_is_exact(tiny_dir, pairs_file, tmp_path, lora):
+    lora_cfg = {"enabled": lora, "r": 4}
+    a = run(tiny_dir, pairs_file, tmp_path, "plain", lora=lora_cfg)
+    b = run(tiny_dir, pairs_file, tmp_path, "mlp", lora=lora_cfg, train={"gradient_checkpointing": "mlp"})
+    same_metrics(a, b)
+
+
 def test_eval_metrics(tiny_dir, pairs_file, tmp_path):
     rows = run(tiny_dir, pairs_file, tmp_path, "eval", data={"eval_fraction": 0.25}, train={"eval_steps": 1})
     evals = [r for r in rows if "eval_loss" in r]

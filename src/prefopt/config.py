@@ -114,7 +114,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     bf16: Union[bool, str] = "auto"  # bf16 autocast: auto = where the hardware has it
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Union[bool, str] = False  # true: whole layers | mlp: only the MLPs | false
     prefix_sharing: bool = True  # prompt computed once per pair: [prompt | chosen | rejected]
     lm_head_chunk: int = 1024  # tokens per lm-head chunk; 0 = unchunked
     logging_steps: int = 1
@@ -370,6 +370,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("data.eval_fraction", f"must be in [0, 1), found {cfg.data.eval_fraction}.")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         bad("model.dtype", f"must be float32, bfloat16 or float16, found '{cfg.model.dtype}'.")
+    if cfg.train.gradient_checkpointing not in (True, False, "mlp"):
+        bad("train.gradient_checkpointing", f"must be true (whole layers), mlp (only each layer's MLP) or false, "
+            f"found {cfg.train.gradient_checkpointing!r}.")
     if cfg.train.bf16 not in (True, False, "auto"):
         bad("train.bf16", f"must be true, false or auto, found {cfg.train.bf16!r}.")
     for key in ("batch_size", "grad_accum"):

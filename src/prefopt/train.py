@@ -104,6 +104,12 @@ def build_model(cfg: Config, path: str):
                             revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.lora.enabled:
         model = load.add_lora(model, cfg.lora)
+    if cfg.train.gradient_checkpointing == "mlp":
+        from .modeling.checkpointing import checkpoint_mlps
+
+        if checkpoint_mlps(model) == 0:
+            log.warning("train.gradient_checkpointing: mlp found no '*.mlp' modules in this model; nothing is "
+                        "checkpointed (use true for whole layers)")
     return model
 
 
@@ -126,7 +132,7 @@ def training_arguments(cfg: Config, bf16: bool):
         seed=t.seed,
         bf16=bf16,
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=t.gradient_checkpointing is True,  # "mlp": prefopt's own, see build_model
         logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=t.save_steps if t.save_steps > 0 else 500,
