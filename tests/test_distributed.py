@@ -117,3 +117,15 @@ def test_bco_running_mean_is_kept_over_all_ranks(tmp_path, tiny_dir):
     ddp = torchrun(tmp_path, {**base_config(tmp_path, tiny_dir, PAIRS, "bco-ddp", batch_size=2), "loss": loss}, 2)
     one = in_process({**base_config(tmp_path, tiny_dir, PAIRS, "bco-one", batch_size=4), "loss": loss})
     same_run(one, ddp, keys)
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_example_accelerate_configs_are_valid(name):
+    """The GPU configs of docs/distributed.md (not runnable here) parse with accelerate's own loader."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = ClusterConfig.from_yaml_file(str(repo / "examples" / "accelerate" / f"{name}.yaml"))
+    assert cfg.num_processes == 2 and str(cfg.mixed_precision) == "bf16" and not cfg.use_cpu
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED"}
+    assert str(cfg.distributed_type).endswith(expected[name])

@@ -1,4 +1,4 @@
-"""`prefopt` command line: train | data check | eval | score | demo | report.
+"""`prefopt` command line: train | data check | eval | score | demo | frontier | rounds | report.
 
     prefopt train CONFIG.yaml [--resume] [--section.key value ...]
                                                           dotted flags override the YAML; --resume

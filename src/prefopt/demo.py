@@ -42,7 +42,7 @@ class DemoSettings:
     eval_samples: int = 4  # per held-out prompt, from reference and from policy
     max_new_tokens: int = 32
     beta: float = 0.1
-    lr: float = 4.5e-4
+    lr: float = 5e-4
     batch_size: int = 8
     epochs: float = 1.0
     lora_r: int = 16
