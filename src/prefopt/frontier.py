@@ -65,14 +65,17 @@ def plot(rows: list[dict], path: Path, title: str = "reward vs KL") -> Path:
     by_loss: dict[str, list] = {}
     for r in rows:
         by_loss.setdefault(r["loss"], []).append(r)
-    if rows:
-        ax.axhline(rows[0]["reward_reference"], color="#888", linestyle=":", linewidth=1, label="reference")
+    if rows:  # every policy starts at the reference: KL 0, the reference's reward
+        ax.axhline(rows[0]["reward_reference"], color="#888", linestyle=":", linewidth=1)
+        ax.plot([0], [rows[0]["reward_reference"]], marker="*", markersize=12, color="black", linestyle="none",
+                label="reference")
     for loss, rs in by_loss.items():
         rs = sorted(rs, key=lambda r: r["kl_nats"])
         line, = ax.plot([r["kl_nats"] for r in rs], [r["reward_policy"] for r in rs], marker="o", label=loss)
         for r in rs:
             ax.annotate(f"β={r['beta']:g}", (r["kl_nats"], r["reward_policy"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7, color=line.get_color())
+    ax.set_xlim(left=0)
     ax.set_xlabel("KL(π ‖ π_ref), nats per sequence")
     ax.set_ylabel("mean reward of policy samples")
     ax.set_title(title, loc="left", fontsize=10)
