@@ -28,7 +28,8 @@ STAGING = ".partial"  # checkpoints being written; never read
 COMPLETE_MARKER = "trainer_state.json"  # transformers writes it last
 
 
-def _step(path: Path) -> Optional[int]:
+def step_of(path: Path) -> Optional[int]:
+    """The step of a checkpoint-N folder (None for any other name)."""
     m = re.fullmatch(PREFIX + r"(\d+)", path.name)
     return int(m.group(1)) if m else None
 
@@ -38,8 +39,8 @@ def complete(output_dir) -> list[Path]:
     out = Path(output_dir)
     if not out.is_dir():
         return []
-    found = [p for p in out.iterdir() if p.is_dir() and _step(p) is not None and (p / COMPLETE_MARKER).is_file()]
-    return sorted(found, key=_step)
+    found = [p for p in out.iterdir() if p.is_dir() and step_of(p) is not None and (p / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=step_of)
 
 
 def latest(output_dir) -> Optional[Path]:

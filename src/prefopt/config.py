@@ -214,20 +214,24 @@ def from_dict(raw: dict, source: str = "config") -> Config:
             continue
         if not isinstance(values, dict):
             raise PrefoptError(f"{source}: section '{section}' must be a mapping of keys, found {values!r}")
-        obj = getattr(cfg, section)
-        types_ = _section_types(type(obj))
-        for key, value in values.items():
-            if key not in types_:
-                raise PrefoptError(
-                    f"{source}: unknown key '{section}.{key}'. Known keys of '{section}': "
-                    f"{', '.join(types_)}."
-                )
-            try:
-                setattr(obj, key, _type_ok(value, types_[key]))
-            except ValueError as e:
-                raise PrefoptError(f"{source}: '{section}.{key}' must be {e}.") from None
+        set_keys(getattr(cfg, section), values, source, section)
     validate(cfg, source)
     return cfg
+
+
+def set_keys(obj, values: dict, source: str, section: str = "") -> None:
+    """Set `values` on the dataclass `obj`, each coerced to its field's type; an unknown key or a
+    wrong type is an error naming `section.key` (or `key` without a section)."""
+    types_ = _section_types(type(obj))
+    for key, value in values.items():
+        name = f"{section}.{key}" if section else key
+        if key not in types_:
+            known = f"Known keys of '{section}'" if section else "Known keys"
+            raise PrefoptError(f"{source}: unknown key '{name}'. {known}: {', '.join(types_)}.")
+        try:
+            setattr(obj, key, _type_ok(value, types_[key]))
+        except ValueError as e:
+            raise PrefoptError(f"{source}: '{name}' must be {e}.") from None
 
 
 COMBINE = "combine"  # loss.name of a weighted sum of paired losses (with loss.weights)

@@ -25,10 +25,10 @@ from . import config as config_mod
 from .config import Config, LoraConfig, LossConfig, TrainConfig, resolve_loss, validate
 from .modeling import load, reference
 from . import rewards
+from .experiment import build_pairs
 from .gen_eval import generation_eval
 from .sampling import sample
 from .tasks.sentiment import prompts as review_prompts
-from .tasks.sentiment import vader_reward
 from .train import make_collator, make_trainer, seed_everything, use_bf16
 
 log = logging.getLogger("prefopt")
@@ -81,15 +81,9 @@ def run_demo(out: str = "runs/demo", seed: int = 0, quick: bool = False, setting
     t = time.time()
     samples = sample(model, tokenizer, train_ids, s.samples, max_new_tokens=s.max_new_tokens, seed=seed + 1,
                      reference=True, desc="1/4 sampling pairs")
-    examples, ties = [], 0
-    for p, responses in zip(train_ids, samples):
-        scores = vader_reward([tokenizer.decode(r, skip_special_tokens=True) for r in responses])
-        best, worst = max(range(len(scores)), key=scores.__getitem__), min(range(len(scores)), key=scores.__getitem__)
-        if scores[best] == scores[worst]:
-            ties += 1
-            continue
-        examples.append({"prompt_ids": p, "chosen_ids": responses[best], "rejected_ids": responses[worst],
-                         "chosen_reward": scores[best], "rejected_reward": scores[worst]})
+    examples, counts = build_pairs(train_ids, train_text, samples, tokenizer, rewards.vader, "best_vs_worst",
+                                   s.beta, seed)
+    ties = counts["ties"]
     times["sample+score"] = time.time() - t
     log.info("%d pairs from %d prompts; %d prompts dropped (best and worst scores tie)",
              len(examples), len(train_ids), ties)

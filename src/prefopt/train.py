@@ -235,7 +235,7 @@ def train(cfg: Config, progress: Optional[bool] = None, resume: bool = False) ->
                                         revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
             ref_model.requires_grad_(False).eval()
 
-    resume_step = _step_of(checkpoint) if checkpoint else None
+    resume_step = checkpoints.step_of(checkpoint) if checkpoint else None
     trainer = make_trainer(cfg, spec, model, tokenizer, collator, train_examples, eval_examples, bf16, ref_model,
                            args=args, resume_step=resume_step)
     if trainer.is_world_process_zero():
@@ -254,10 +254,11 @@ def train(cfg: Config, progress: Optional[bool] = None, resume: bool = False) ->
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     monitor = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FailureMonitor))
     if monitor.nonfinite_step is not None:
+        last_good = checkpoints.latest(out)
         raise PrefoptError(f"training stopped at step {monitor.nonfinite_step}: the loss or gradient norm is not "
                            f"finite; the model was not saved ({out}/metrics.jsonl has the log"
-                           + (f"; {checkpoints.latest(out)} is the last good checkpoint" if checkpoints.latest(out)
-                              else "") + "). Lower train.lr or check the data.")
+                           + (f"; {last_good} is the last good checkpoint" if last_good else "")
+                           + "). Lower train.lr or check the data.")
     stop = next(c for c in trainer.callback_handler.callbacks if isinstance(c, checkpoints.GracefulStop))
     losses_seen = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     summary = {
@@ -321,10 +322,6 @@ def _check_zero3(cfg: Config, spec: losses.LossSpec) -> None:
 def _finished(checkpoint: Path) -> bool:
     state = json.loads((checkpoint / checkpoints.COMPLETE_MARKER).read_text())
     return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
-
-
-def _step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name[len(checkpoints.PREFIX):])
 
 
 def _checkpoint_to_resume(cfg: Config, out: Path) -> Optional[Path]:
