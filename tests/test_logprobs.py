@@ -139,6 +139,42 @@ def test_gradients_match_direct(tiny_dir, prefix_sharing, chunk):
         assert rel < 1e-4, (name, rel)
 
 
+def test_sparse_tied_embedding_grads_are_exact(tiny_dir):
+    """The tied embedding's lookup gradient as sparse rows gives the same dense gradient (over two
+    accumulated micro-batches) and the same AdamW step; frozen or untied embeddings are left alone."""
+    from prefopt.modeling.sparse_embedding import sparse_tied_embedding_grads
+
+    torch.manual_seed(0)
+    models = [load_model(tiny_dir, dtype="float32") for _ in range(2)]
+    dense, sparse = models
+    assert sparse_tied_embedding_grads(sparse) is True
+    assert sparse.get_input_embeddings().sparse and not dense.get_input_embeddings().sparse
+    assert sparse_tied_embedding_grads(sparse) is False  # already on
+    batches = [Collator(2)(paired_examples(seed=s)[:3]) for s in (7, 8)]
+    w = torch.linspace(0.5, 2.0, 6)
+    grads, weights = [], []
+    for model in models:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for batch in batches:  # gradient accumulation: the second lookup adds into the first's
+            (sequence_logps(model, batch, 3)["logps"] * w).sum().backward()
+        emb = model.get_input_embeddings().weight
+        assert emb.grad.layout == torch.strided  # the optimiser sees a dense gradient
+        grads.append(emb.grad.clone())
+        opt.step()
+        weights.append(emb.detach().clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-6, atol=1e-7)
+
+    frozen = load_model(tiny_dir, dtype="float32")
+    frozen.get_input_embeddings().weight.requires_grad_(False)
+    assert sparse_tied_embedding_grads(frozen) is False
+    untied = load_model(tiny_dir, dtype="float32")
+    untied.get_output_embeddings().weight = torch.nn.Parameter(untied.get_output_embeddings().weight.clone())
+    assert sparse_tied_embedding_grads(untied) is False
+
+
 @pytest.mark.slow
 def test_real_smollm2_matches_direct(smol_dir, smol_tokenizer):
     """The real model, real text, chat-formatted prompts: same log-probs both ways."""

@@ -68,19 +68,47 @@ def test_grad_accum_equals_bigger_batch(tiny_dir, pairs_file, tmp_path):
     same_metrics(a, b)
 
 
-def test_gradient_checkpointing_with_lora_still_trains(tiny_dir, pairs_file, tmp_path):
-    a = run(tiny_dir, pairs_file, tmp_path, "plain", lora={"enabled": True, "r": 4})
-    b = run(tiny_dir, pairs_file, tmp_path, "gc", lora={"enabled": True, "r": 4},
-            train={"gradient_checkpointing": True})
-    same_metrics(a, b)
-
-
+@pytest.mark.parametrize("mode", [True, "mlp"], ids=["layers", "mlp"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_mlp_checkpointing_is_exact(tiny_dir, pairs_file, tmp_path, lora):
+def test_activation_checkpointing_is_exact(tiny_dir, pairs_file, tmp_path, lora, mode):
+    """Whole-layer checkpointing is the default; it, and MLP-only checkpointing, change nothing but
+    memory and time."""
+    assert config.TrainConfig().gradient_checkpointing is True
     lora_cfg = {"enabled": lora, "r": 4}
-    a = run(tiny_dir, pairs_file, tmp_path, "plain", lora=lora_cfg)
-    b = run(tiny_dir, pairs_file, tmp_path, "mlp", lora=lora_cfg, train={"gradient_checkpointing": "mlp"})
+    a = run(tiny_dir, pairs_file, tmp_path, "plain", lora=lora_cfg, train={"gradient_checkpointing": False})
+    b = run(tiny_dir, pairs_file, tmp_path, "ckpt", lora=lora_cfg, train={"gradient_checkpointing": mode})
     same_metrics(a, b)
+
+
+@pytest.mark.parametrize("setting,lora", [(None, True), (False, True), (None, False)],
+                         ids=["default-lora", "off-lora", "default-full"])
+def test_memory_savers_engage(tiny_dir, pairs_file, tmp_path, monkeypatch, setting, lora):
+    """The default really checkpoints the decoder layers while training (and `false` really does
+    not); a full fine-tune of a tied-embedding model in one process takes sparse lookup gradients
+    (LoRA, whose embedding is frozen, does not)."""
+    import prefopt.train as pt
+    from transformers import TrainerCallback
+
+    from prefopt.modeling.logprobs import unwrap
+
+    seen = []
+
+    class Look(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            m = unwrap(model)
+            seen.append((m.is_gradient_checkpointing, m.get_input_embeddings().sparse))
+
+    make = pt.make_trainer
+
+    def make_trainer(*a, **k):
+        trainer = make(*a, **k)
+        trainer.add_callback(Look())
+        return trainer
+
+    monkeypatch.setattr(pt, "make_trainer", make_trainer)
+    train_cfg = {} if setting is None else {"gradient_checkpointing": setting}
+    run(tiny_dir, pairs_file, tmp_path, "look", lora={"enabled": lora, "r": 4}, train=train_cfg)
+    assert seen == [(setting is None, not lora)] * 3
 
 
 def test_eval_metrics(tiny_dir, pairs_file, tmp_path):

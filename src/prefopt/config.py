@@ -114,7 +114,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     bf16: Union[bool, str] = "auto"  # bf16 autocast: auto = where the hardware has it
-    gradient_checkpointing: Union[bool, str] = False  # true: whole layers | mlp: only the MLPs | false
+    # true: recompute each decoder layer in the backward (TRL's default too; SmolLM2-135M on CPU: peak
+    # RSS full 4.1 -> 3.1 GB, LoRA 3.1 -> 1.9 GB, for ~10-25 % more time per step) | mlp: only each
+    # layer's MLP | false: keep every activation (fastest)
+    gradient_checkpointing: Union[bool, str] = True
     prefix_sharing: bool = True  # prompt computed once per pair: [prompt | chosen | rejected]
     lm_head_chunk: int = 1024  # tokens per lm-head chunk; 0 = unchunked
     logging_steps: int = 1

@@ -94,7 +94,8 @@ def run_demo(out: str = "runs/demo", seed: int = 0, quick: bool = False, setting
     autocast = torch.bfloat16 if bf16 else None
     cfg = Config(loss=LossConfig(name="sigmoid", beta=s.beta),
                  train=TrainConfig(output_dir=str(out_dir), epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
-                                   warmup_ratio=0.1, seed=seed, logging_steps=1))
+                                   warmup_ratio=0.1, seed=seed, logging_steps=1,
+                                   gradient_checkpointing=False))  # short samples, small model: speed first
     validate(cfg, "demo")
     collator = make_collator(cfg, tokenizer)
     reference.precompute(model, examples, collator, cache_dir=None, batch_size=32, chunk=cfg.train.lm_head_chunk,

@@ -199,7 +199,8 @@ class Experiment:
         cfg = Config(loss=LossConfig(name=loss, beta=beta),
                      train=TrainConfig(output_dir=str(out), epochs=self.cfg.epochs, batch_size=self.cfg.batch_size,
                                        lr=self.cfg.lr, warmup_ratio=0.1, seed=self.cfg.seed, logging_steps=1,
-                                       save_steps=0, progress=self.cfg.progress))
+                                       save_steps=0, progress=self.cfg.progress,
+                                       gradient_checkpointing=False))  # short samples: speed first
         validate_cfg(cfg, "experiment")
         spec = resolve_loss(cfg.loss)
         if not spec.paired:

@@ -113,6 +113,13 @@ def build_model(cfg: Config, path: str):
     return model
 
 
+def _checkpointing_arg() -> str:
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
 def training_arguments(cfg: Config, bf16: bool):
     from transformers import TrainingArguments
 
@@ -132,7 +139,6 @@ def training_arguments(cfg: Config, bf16: bool):
         seed=t.seed,
         bf16=bf16,
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=t.gradient_checkpointing is True,  # "mlp": prefopt's own, see build_model
         logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=t.save_steps if t.save_steps > 0 else 500,
@@ -143,6 +149,8 @@ def training_arguments(cfg: Config, bf16: bool):
         dataloader_num_workers=t.num_workers,
         remove_unused_columns=False,
         disable_tqdm=not t.progress,
+        # "mlp" is prefopt's own (see build_model); newer transformers renamed the option
+        **{_checkpointing_arg(): t.gradient_checkpointing is True},
     )
 
 

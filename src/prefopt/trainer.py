@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from accelerate.utils import AutocastKwargs, DistributedType
 from transformers import Trainer, TrainerCallback
 
 from . import checkpoints, losses
 from .modeling.logprobs import sequence_logps
+from .modeling.sparse_embedding import sparse_tied_embedding_grads
 
 
 def reference_logps(model, batch: dict, ref_model=None, chunk: int = 1024) -> torch.Tensor:
@@ -89,6 +91,14 @@ class PreferenceTrainer(Trainer):
         # of accumulation steps (1 × 8 accumulated == 8 × 1), never rescale by token counts.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
+        # bf16 autocast without its weight-cast cache: each weight is used once per forward, so the
+        # cache saves no work, but it keeps a bf16 copy of every weight until the forward ends, and
+        # under activation checkpointing (nothing else holds those copies) that is ~0.1 GB of peak
+        # RSS for SmolLM2-135M (measured; the maths is unchanged)
+        self.accelerator.autocast_handler = AutocastKwargs(cache_enabled=False)
+        # one process: the tied embedding's lookup gradient as sparse rows (see sparse_embedding.py)
+        self.sparse_embedding = (self.accelerator.distributed_type == DistributedType.NO
+                                 and sparse_tied_embedding_grads(self.model))
         if ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 

@@ -6,9 +6,10 @@ prompt or in i's own response. The final hidden states of scored positions only 
 lm-head, chunk by chunk under activation checkpointing, so the full batch × sequence × vocabulary
 logits tensor is never built, in forward or in backward.
 
-We go through the model's own forward (with `logits_to_keep=1`, which makes its own lm-head work
-negligible) and capture the decoder's output with a hook, so DDP's gradient hooks and peft's
-adapters behave as in any ordinary forward.
+We go through the model's own forward (with `logits_to_keep=1`, and a detached last position as
+its lm-head's input, which makes its own head's work negligible and keeps nothing for the backward)
+and capture the decoder's output with a hook, so DDP's gradient hooks and peft's adapters behave as
+in any ordinary forward.
 """
 
 from __future__ import annotations
@@ -98,7 +99,15 @@ def sequence_logps(model, batch: dict, chunk: int = 1024, sq_mass: bool = False)
     captured = {}
 
     def hook(_module, _args, output):
-        captured["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        # Keep the decoder's output for our chunked head; hand the model's own lm-head one detached
+        # position per row, so it keeps nothing for the backward (no bf16 copy of the vocabulary
+        # matrix under autocast) and sends no gradient into the tied embedding.
+        if hasattr(output, "last_hidden_state"):
+            captured["h"] = output.last_hidden_state
+            output.last_hidden_state = captured["h"][:, -1:].detach()
+            return output
+        captured["h"] = output[0]
+        return (output[0][:, -1:].detach(),) + tuple(output[1:])
 
     handle = decoder.register_forward_hook(hook)
     try:
