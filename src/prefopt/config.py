@@ -115,7 +115,7 @@ class TrainConfig:
     seed: int = 42
     bf16: Union[bool, str] = "auto"  # bf16 autocast: auto = where the hardware has it
     # true: recompute each decoder layer in the backward (TRL's default too; SmolLM2-135M on CPU: peak
-    # RSS full 4.1 -> 3.1 GB, LoRA 3.1 -> 1.9 GB, for ~10-25 % more time per step) | mlp: only each
+    # RSS full 4.1 -> 3.3 GB, LoRA 3.1 -> 1.8 GB, for ~10-25 % more time per step) | mlp: only each
     # layer's MLP | false: keep every activation (fastest)
     gradient_checkpointing: Union[bool, str] = True
     prefix_sharing: bool = True  # prompt computed once per pair: [prompt | chosen | rejected]
