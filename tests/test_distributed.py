@@ -1,6 +1,7 @@
 """Past one process, through the existing engine: 2-process CPU DDP (torchrun, gloo) gives the loss
 trajectory and weights of one process with the same global batch, and of gradient accumulation;
-the reference log-probs are precomputed under DDP (rank 0 computes and caches, rank 1 reads) and
+the reference log-probs are precomputed under DDP (each rank computes half the batches, one
+all-reduce shares them, rank 0 writes the cache; a second run reads it on both ranks) and
 KTO's KL baseline is taken over the global batch. Batch 1 × accumulation 8 equals batch 8 ×
 accumulation 1 (the gradient-accumulation scaling bug must not exist here)."""
 
@@ -85,12 +86,21 @@ def same_run(a: Path, b: Path, keys, weights="model.safetensors"):
 def test_ddp_two_processes_equal_one_process_and_grad_accum(tmp_path, tiny_dir):
     keys = ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "logps/rejected", "logps/ref_chosen")
     ddp = torchrun(tmp_path, base_config(tmp_path, tiny_dir, PAIRS, "ddp", batch_size=2), nproc=2)
-    # a fresh reference cache for every run: under DDP rank 0 computed it and rank 1 read it
+    # a fresh reference cache for every run: under DDP each rank computed half of it
     one = in_process(base_config(tmp_path, tiny_dir, PAIRS, "one", batch_size=4))
     accum = in_process(base_config(tmp_path, tiny_dir, PAIRS, "accum", batch_size=2, grad_accum=2))
     same_run(one, ddp, keys)
     same_run(one, accum, keys)
-    assert len(list((tmp_path / "ref-cache-ddp").glob("*.safetensors"))) == 1
+    cached = list((tmp_path / "ref-cache-ddp").glob("*.safetensors"))
+    assert len(cached) == 1
+    # a second DDP run on the same data: both ranks read the cache (nobody rewrites it)
+    stamp = cached[0].stat().st_mtime_ns
+    raw = base_config(tmp_path, tiny_dir, PAIRS, "ddp", batch_size=2)
+    raw["train"]["output_dir"] = str(tmp_path / "ddp-again")
+    again = torchrun(tmp_path, raw, nproc=2)
+    same_run(one, again, keys)
+    assert cached[0].stat().st_mtime_ns == stamp
+    assert len(list((tmp_path / "ref-cache-ddp").glob("*"))) == 1  # no temporary file left
 
 
 def test_kto_under_ddp_takes_its_kl_baseline_over_the_global_batch(tmp_path, tiny_dir):

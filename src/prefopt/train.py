@@ -231,12 +231,15 @@ def train(cfg: Config, progress: Optional[bool] = None, resume: bool = False) ->
             cache = Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else load.cache_dir() / "reference"
             if torch.cuda.is_available():
                 model.to(args.device)
-            # rank 0 computes and caches; the other ranks then read the cache
-            with args.main_process_first(desc="reference log-probs"):
-                for exs in (train_examples, eval_examples):
-                    reference.precompute(model, exs, collator, cache_dir=cache,
-                                         batch_size=2 * cfg.train.batch_size, chunk=cfg.train.lm_head_chunk,
-                                         autocast_dtype=torch.bfloat16 if bf16 else None, progress=progress)
+            # under DDP each process computes every world-th batch and all share the results; the
+            # first process of each machine writes the cache
+            for exs in (train_examples, eval_examples):
+                reference.precompute(model, exs, collator, cache_dir=cache,
+                                     batch_size=2 * cfg.train.batch_size, chunk=cfg.train.lm_head_chunk,
+                                     autocast_dtype=torch.bfloat16 if bf16 else None,
+                                     progress=progress and args.process_index == 0,
+                                     shard=(args.process_index, args.world_size),
+                                     write_cache=args.local_process_index == 0)
         elif not cfg.lora.enabled:
             ref_model = load.load_model(path, dtype=cfg.model.dtype,
                                         attn_implementation=cfg.model.attn_implementation,
