@@ -96,9 +96,8 @@ class PreferenceTrainer(Trainer):
         # under activation checkpointing (nothing else holds those copies) that is ~0.1 GB of peak
         # RSS for SmolLM2-135M (measured; the maths is unchanged)
         self.accelerator.autocast_handler = AutocastKwargs(cache_enabled=False)
-        # one process: the tied embedding's lookup gradient as sparse rows (see sparse_embedding.py)
-        self.sparse_embedding = (self.accelerator.distributed_type == DistributedType.NO
-                                 and sparse_tied_embedding_grads(self.model))
+        if self.accelerator.distributed_type == DistributedType.NO:  # see sparse_embedding.py
+            sparse_tied_embedding_grads(self.model)
         if ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
