@@ -102,6 +102,11 @@ def test_wrong_type(tmp_path):
     assert "'train.lr'" in msg and "number" in msg
     msg = error(tmp_path, "train:\n  batch_size: 2.5\n")
     assert "'train.batch_size'" in msg
+    # a key that takes one of several types names every choice, and the value once
+    msg = error(tmp_path, "train:\n  gradient_checkpointing: [1]\n")
+    assert "'train.gradient_checkpointing' must be true or false or a string, found [1]." in msg
+    assert msg.count("[1]") == 1
+    assert "'train.gradient_checkpointing'" in error(tmp_path, "train:\n  gradient_checkpointing: maybe\n")
 
 
 def test_bool_is_not_an_int(tmp_path):

@@ -153,15 +153,15 @@ def _type_ok(value: Any, annotation: Any) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in typing.get_args(annotation):
             return None
-        errors = []
+        expected = []
         for arg in typing.get_args(annotation):
             if arg is type(None):
                 continue
             try:
                 return _type_ok(value, arg)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(" or ".join(errors))
+            except ValueError as e:  # "<what>, found <value>": name the value once
+                expected.append(str(e).rsplit(", found ", 1)[0])
+        raise ValueError(f"{' or '.join(expected)}, found {value!r}")
     if annotation is bool:
         if isinstance(value, bool):
             return value
