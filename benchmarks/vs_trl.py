@@ -58,7 +58,7 @@ def step_timer():
 
 
 def run_prefopt(job: dict) -> dict:
-    import prefopt.train as pt
+    import prefopt.recipes.train as pt
     from prefopt import config
 
     timer = step_timer()
@@ -71,16 +71,30 @@ def run_prefopt(job: dict) -> dict:
 
     pt.make_trainer = make_trainer
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = config.from_dict({
-            "model": {"name": job["model"]},
-            "lora": {"enabled": job["mode"] == "lora", "r": 16, "alpha": 32},
-            "data": {"train": job["data"], "max_length": job["max_length"], "max_prompt_length": job["max_length"] - 1},
-            "loss": {"name": "sigmoid", "beta": job["beta"]},
-            "reference": {"cache_dir": f"{tmp}/ref"},
-            "train": {"output_dir": f"{tmp}/out", "max_steps": job["steps"], "batch_size": job["batch"],
-                      "lr": job["lr"], "warmup_ratio": 0.0, "progress": False, "logging_steps": 1, "seed": 0,
-                      **job.get("prefopt_train", {})},
-        })
+        cfg = config.from_dict(
+            {
+                "model": {"name": job["model"]},
+                "lora": {"enabled": job["mode"] == "lora", "r": 16, "alpha": 32},
+                "data": {
+                    "train": job["data"],
+                    "max_length": job["max_length"],
+                    "max_prompt_length": job["max_length"] - 1,
+                },
+                "loss": {"name": "sigmoid", "beta": job["beta"]},
+                "reference": {"cache_dir": f"{tmp}/ref"},
+                "train": {
+                    "output_dir": f"{tmp}/out",
+                    "max_steps": job["steps"],
+                    "batch_size": job["batch"],
+                    "lr": job["lr"],
+                    "warmup_ratio": 0.0,
+                    "progress": False,
+                    "logging_steps": 1,
+                    "seed": 0,
+                    **job.get("prefopt_train", {}),
+                },
+            }
+        )
         t0 = time.perf_counter()
         summary = pt.train(cfg)
         bf16 = summary["bf16"]
@@ -104,18 +118,37 @@ def run_trl(job: dict) -> dict:
     if job["mode"] == "lora":
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                                 task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         args = DPOConfig(
-            output_dir=tmp, per_device_train_batch_size=job["batch"], max_steps=job["steps"],
-            learning_rate=job["lr"], beta=job["beta"], max_length=job["max_length"], bf16=bf16,
-            gradient_checkpointing="gc" in variant, precompute_ref_log_probs="precompute" in variant,
-            logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, warmup_steps=0,
-            disable_tqdm=True, seed=0, dataloader_num_workers=0,
+            output_dir=tmp,
+            per_device_train_batch_size=job["batch"],
+            max_steps=job["steps"],
+            learning_rate=job["lr"],
+            beta=job["beta"],
+            max_length=job["max_length"],
+            bf16=bf16,
+            gradient_checkpointing="gc" in variant,
+            precompute_ref_log_probs="precompute" in variant,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            warmup_steps=0,
+            disable_tqdm=True,
+            seed=0,
+            dataloader_num_workers=0,
         )
-        trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tok, peft_config=peft_config, callbacks=[timer])
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tok,
+            peft_config=peft_config,
+            callbacks=[timer],
+        )
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"first_loss": losses[0], "times": timer.times, "t0": t0, "bf16": bf16}
@@ -130,9 +163,12 @@ def worker(job: dict) -> None:
     result = run_prefopt(job) if job["who"] == "prefopt" else run_trl(job)
     times = result.pop("times")
     steps = [b - a for a, b in zip(times, times[1:])]
-    result.update(step1_s=steps[0], s_per_step=statistics.median(steps[1:]) if len(steps) > 1 else steps[0],
-                  setup_s=times[0] - result.pop("t0"),
-                  peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)  # Linux: KiB
+    result.update(
+        step1_s=steps[0],
+        s_per_step=statistics.median(steps[1:]) if len(steps) > 1 else steps[0],
+        setup_s=times[0] - result.pop("t0"),
+        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    )  # Linux: KiB
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -151,7 +187,7 @@ def matmul_peak(dtype_name: str, seconds: float = 3.0) -> float:
     while time.perf_counter() - t0 < seconds:
         a @ b
         count += 1
-    return 2 * n ** 3 * count / (time.perf_counter() - t0)
+    return 2 * n**3 * count / (time.perf_counter() - t0)
 
 
 def pick_pairs(tokenizer, n: int, max_length: int) -> tuple[list[dict], dict]:
@@ -175,9 +211,17 @@ def tiny_model(folder: Path, tokenizer) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -185,14 +229,18 @@ def tiny_model(folder: Path, tokenizer) -> str:
 
 
 def launch(job: dict) -> dict:
-    proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(job)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--worker", json.dumps(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, err = proc.communicate()
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(err[-3000:])
         raise SystemExit(f"{job['who']} {job.get('variant', '')} {job['mode']} failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _trl_version() -> str:
@@ -214,11 +262,18 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=5e-6)
-    ap.add_argument("--trl", default="bf16,bf16+precompute", help="TRL configurations to try: comma-separated "
-                    "variants of fp32|bf16 with +gc (gradient checkpointing) and +precompute; '' for none")
+    ap.add_argument(
+        "--trl",
+        default="bf16,bf16+precompute",
+        help="TRL configurations to try: comma-separated "
+        "variants of fp32|bf16 with +gc (gradient checkpointing) and +precompute; '' for none",
+    )
     ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--prefopt-train", default="{}", help="JSON of prefopt train.* settings to use instead of "
-                    "its defaults, e.g. '{\"lm_head_chunk\": 256}'")
+    ap.add_argument(
+        "--prefopt-train",
+        default="{}",
+        help="JSON of prefopt train.* settings to use instead of its defaults, e.g. '{\"lm_head_chunk\": 256}'",
+    )
     a = ap.parse_args()
     if a.worker:
         return worker(json.loads(a.worker))
@@ -243,12 +298,23 @@ def main() -> None:
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
     peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
     per_step = {k: v / steps for k, v in totals.items()}
-    print(f"model {'tiny' if a.quick else 'SmolLM2-135M'} ({params / 1e6:.1f} M params); {len(pairs)} pairs, batch "
-          f"{a.batch}, {steps} steps, max_length {a.max_length}; per step {per_step['real']:.0f} real tokens "
-          f"({per_step['response']:.0f} response, {per_step['unique']:.0f} distinct); matmul peak "
-          f"{peaks['float32'] / 1e9:.0f} GFLOP/s fp32, {peaks['bfloat16'] / 1e9:.0f} GFLOP/s bf16", flush=True)
-    base = dict(model=model, data=str(data), steps=steps, batch=a.batch, max_length=a.max_length, beta=a.beta,
-                lr=a.lr, prefopt_train=json.loads(a.prefopt_train))
+    print(
+        f"model {'tiny' if a.quick else 'SmolLM2-135M'} ({params / 1e6:.1f} M params); {len(pairs)} pairs, batch "
+        f"{a.batch}, {steps} steps, max_length {a.max_length}; per step {per_step['real']:.0f} real tokens "
+        f"({per_step['response']:.0f} response, {per_step['unique']:.0f} distinct); matmul peak "
+        f"{peaks['float32'] / 1e9:.0f} GFLOP/s fp32, {peaks['bfloat16'] / 1e9:.0f} GFLOP/s bf16",
+        flush=True,
+    )
+    base = dict(
+        model=model,
+        data=str(data),
+        steps=steps,
+        batch=a.batch,
+        max_length=a.max_length,
+        beta=a.beta,
+        lr=a.lr,
+        prefopt_train=json.loads(a.prefopt_train),
+    )
     rows = []
     for mode in a.modes.split(","):
         runs = [dict(base, who="prefopt", mode=mode, variant="defaults")]
@@ -259,14 +325,23 @@ def main() -> None:
             r = launch(job)
             pairs_s = a.batch / r["s_per_step"]
             useful = (6 if mode == "full" else 4) * params * per_step["unique"] / r["s_per_step"]
-            row = dict(who=job["who"], mode=mode, variant=job["variant"], **r, pairs_per_s=pairs_s,
-                       real_tokens_per_s=per_step["real"] / r["s_per_step"],
-                       flops_fraction=useful / peaks["bfloat16" if r["bf16"] else "float32"])
+            row = dict(
+                who=job["who"],
+                mode=mode,
+                variant=job["variant"],
+                **r,
+                pairs_per_s=pairs_s,
+                real_tokens_per_s=per_step["real"] / r["s_per_step"],
+                flops_fraction=useful / peaks["bfloat16" if r["bf16"] else "float32"],
+            )
             rows.append(row)
-            print(f"{row['who']:<8} {mode:<5} {row['variant']:<22} {row['s_per_step']:6.2f} s/step  "
-                  f"{pairs_s:5.2f} pairs/s  {row['real_tokens_per_s']:6.0f} tok/s  step-1 loss "
-                  f"{row['first_loss']:.4f}  setup {row['setup_s']:5.1f} s  peak RSS {row['peak_rss_gb']:.2f} GB  "
-                  f"{row['flops_fraction']:.1%} of peak", flush=True)
+            print(
+                f"{row['who']:<8} {mode:<5} {row['variant']:<22} {row['s_per_step']:6.2f} s/step  "
+                f"{pairs_s:5.2f} pairs/s  {row['real_tokens_per_s']:6.0f} tok/s  step-1 loss "
+                f"{row['first_loss']:.4f}  setup {row['setup_s']:5.1f} s  peak RSS {row['peak_rss_gb']:.2f} GB  "
+                f"{row['flops_fraction']:.1%} of peak",
+                flush=True,
+            )
     print()
     for mode in a.modes.split(","):
         mine = [r for r in rows if r["who"] == "prefopt" and r["mode"] == mode]  # both runs, averaged
@@ -275,13 +350,22 @@ def main() -> None:
         theirs = min((r for r in rows if r["who"] == "trl" and r["mode"] == mode), key=lambda r: r["s_per_step"])
         ours_pairs = a.batch / statistics.mean(r["s_per_step"] for r in mine)
         ours_rss = max(r["peak_rss_gb"] for r in mine)
-        print(f"{mode}: prefopt {ours_pairs:.2f} pairs/s (mean of its runs) vs TRL's fastest ({theirs['variant']}) "
-              f"{theirs['pairs_per_s']:.2f}: {ours_pairs / theirs['pairs_per_s']:.2f}x; peak RSS {ours_rss:.2f} vs "
-              f"{theirs['peak_rss_gb']:.2f} GB: {ours_rss / theirs['peak_rss_gb']:.2f}x; step-1 loss "
-              f"{mine[0]['first_loss']:.5f} vs {theirs['first_loss']:.5f}")
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": _trl_version(), "peaks": peaks, "per_step_tokens": per_step}
+        print(
+            f"{mode}: prefopt {ours_pairs:.2f} pairs/s (mean of its runs) vs TRL's fastest ({theirs['variant']}) "
+            f"{theirs['pairs_per_s']:.2f}: {ours_pairs / theirs['pairs_per_s']:.2f}x; peak RSS {ours_rss:.2f} vs "
+            f"{theirs['peak_rss_gb']:.2f} GB: {ours_rss / theirs['peak_rss_gb']:.2f}x; step-1 loss "
+            f"{mine[0]['first_loss']:.5f} vs {theirs['first_loss']:.5f}"
+        )
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": _trl_version(),
+        "peaks": peaks,
+        "per_step_tokens": per_step,
+    }
     if a.json:
         Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 

@@ -11,19 +11,44 @@ from pathlib import Path
 
 import pytest
 
-ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
-       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+ENV = {
+    **os.environ,
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
 
-PAIRS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" {2 * i}.",
-          "rejected": f" I do not know, maybe {i + 1} or so."} for i in range(8)]
+PAIRS = [
+    {
+        "prompt": f"Question {i}: what is {i} plus {i}?",
+        "chosen": f" {2 * i}.",
+        "rejected": f" I do not know, maybe {i + 1} or so.",
+    }
+    for i in range(8)
+]
 
-METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-           "logps/chosen", "logps/rejected"]
+METRICS = [
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+]
 
 
 def start(args, cwd):
-    return subprocess.Popen([sys.executable, "-m", "prefopt", *args], cwd=cwd, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefopt", *args],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc, timeout=240):
@@ -36,8 +61,9 @@ def work(tmp_path_factory, tiny_dir):
     """A folder with a good config (tiny model, 8 pairs), and the bad inputs the error cases use."""
     d = tmp_path_factory.mktemp("cli")
     (d / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
-    (d / "missing-field.jsonl").write_text(json.dumps(PAIRS[0]) + "\n"
-                                           + json.dumps({"prompt": "a", "chosen": " b"}) + "\n")
+    (d / "missing-field.jsonl").write_text(
+        json.dumps(PAIRS[0]) + "\n" + json.dumps({"prompt": "a", "chosen": " b"}) + "\n"
+    )
     (d / "empty.jsonl").write_text("")
     (d / "not-a-model").mkdir()
     (d / "cfg.yaml").write_text(
@@ -55,8 +81,7 @@ ERROR_CASES = {
     "unknown-key": (["--train.learning_rate", "1e-5"], ["'train.learning_rate'", "cfg.yaml"]),
     "missing-data": (["--data.train", "{d}/nope.jsonl"], ["{d}/nope.jsonl", "no such file"]),
     "missing-model": (["--model.name", "{d}/no-such-model"], ["model.name", "{d}/no-such-model", "does not exist"]),
-    "missing-field": (["--data.train", "{d}/missing-field.jsonl"],
-                      ["{d}/missing-field.jsonl line 2", "'rejected'"]),
+    "missing-field": (["--data.train", "{d}/missing-field.jsonl"], ["{d}/missing-field.jsonl line 2", "'rejected'"]),
     "empty-data": (["--data.train", "{d}/empty.jsonl"], ["{d}/empty.jsonl", "empty"]),
 }
 
@@ -70,7 +95,7 @@ def check_error_message(err: str, fragments, work):
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("prefopt: error:")]
     assert len(lines) == 1, err
-    message = err[err.index("prefopt: error:"):].strip()
+    message = err[err.index("prefopt: error:") :].strip()
     assert "\n\n" not in message, message  # one paragraph
     for frag in fragments:
         assert frag.format(d=work) in message, (frag, message)
@@ -93,13 +118,27 @@ def test_debug_shows_traceback(work):
     assert "Traceback" in err and "PrefoptError" in err
 
 
-@pytest.mark.parametrize("args,fragments", [
-    (["--model.name", "{d}/not-a-model"], ["model.name", "{d}/not-a-model", "config.json"]),
-    (["--data.train", "{d}/pairs.jsonl", "--data.max_length", "16", "--data.max_prompt_length", "8",
-      "--data.truncation", "drop"], ["{d}/pairs.jsonl", "no pair is left", "8 dropped"]),
-    (["--loss.beta", "-1"], ["'loss.beta'"]),
-    (["--train.batch_size", "two"], ["'train.batch_size'"]),
-])
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["--model.name", "{d}/not-a-model"], ["model.name", "{d}/not-a-model", "config.json"]),
+        (
+            [
+                "--data.train",
+                "{d}/pairs.jsonl",
+                "--data.max_length",
+                "16",
+                "--data.max_prompt_length",
+                "8",
+                "--data.truncation",
+                "drop",
+            ],
+            ["{d}/pairs.jsonl", "no pair is left", "8 dropped"],
+        ),
+        (["--loss.beta", "-1"], ["'loss.beta'"]),
+        (["--train.batch_size", "two"], ["'train.batch_size'"]),
+    ],
+)
 def test_more_bad_input_in_process(work, capsys, args, fragments):
     """The same entry point `python -m prefopt` calls (prefopt.cli.main), in this process."""
     from prefopt.cli import main
@@ -155,8 +194,23 @@ def test_full_finetune_run(work):
 
 def test_lora_merge_run(work, tiny_dir):
     out = work / "out-lora"
-    rc, stdout, err = finish(start(["train", str(work / "cfg.yaml"), "--train.output_dir", str(out),
-                                    "--lora.enabled", "true", "--lora.merge", "true", "--lora.r", "4"], work))
+    rc, stdout, err = finish(
+        start(
+            [
+                "train",
+                str(work / "cfg.yaml"),
+                "--train.output_dir",
+                str(out),
+                "--lora.enabled",
+                "true",
+                "--lora.merge",
+                "true",
+                "--lora.r",
+                "4",
+            ],
+            work,
+        )
+    )
     assert rc == 0, err[-4000:]
     assert (out / "adapter_config.json").is_file()
     assert (out / "prefopt.yaml").is_file()

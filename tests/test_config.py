@@ -41,8 +41,10 @@ def test_yaml_values_and_defaults(tmp_path):
 
 
 def test_dotted_overrides_win_over_yaml(tmp_path):
-    cfg = config.load(write(tmp_path, BASE), ["--train.lr", "1e-5", "--loss.beta=0.2", "--lora.enabled", "true",
-                                              "--data.limit", "40", "--model.name=other"])
+    cfg = config.load(
+        write(tmp_path, BASE),
+        ["--train.lr", "1e-5", "--loss.beta=0.2", "--lora.enabled", "true", "--data.limit", "40", "--model.name=other"],
+    )
     assert cfg.train.lr == pytest.approx(1e-5) and isinstance(cfg.train.lr, float)
     assert cfg.loss.beta == pytest.approx(0.2)
     assert cfg.lora.enabled is True
@@ -148,10 +150,16 @@ def test_bad_override_syntax():
         config.load(None, ["--train.a.b", "1"])
 
 
-@pytest.mark.parametrize("section,key,value", [
-    ("data", "limit", 0), ("data", "max_prompt_length", 0), ("train", "warmup_ratio", 1.5),
-    ("train", "epochs", -1), ("loss", "beta", 0),
-])
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("data", "limit", 0),
+        ("data", "max_prompt_length", 0),
+        ("train", "warmup_ratio", 1.5),
+        ("train", "epochs", -1),
+        ("loss", "beta", 0),
+    ],
+)
 def test_out_of_range_values_name_the_key(section, key, value):
     from prefopt.config import from_dict
     from prefopt.errors import PrefoptError

@@ -32,11 +32,13 @@ def test_hh_transcripts_report(shared_data, capsys):
 
 def test_every_problem_is_counted(tmp_path, capsys):
     good = [{"prompt": f"Q{i}?", "chosen": f" A{i}.", "rejected": f" B{i}."} for i in range(4)]
-    recs = good + [good[0],  # a duplicate
-                   {"prompt": "Q?", "chosen": " same", "rejected": " same"},  # chosen == rejected
-                   {"prompt": "Q?", "chosen": " ok\n\nHuman: and another thing", "rejected": " no"},  # role marker
-                   {"prompt": "Q " * 300, "chosen": " long prompt", "rejected": " x"},  # over max_length
-                   {"prompt": "Q?", "chosen": " a\x16b", "rejected": " c"}]  # SmolLM2's vocabulary drops \x16
+    recs = good + [
+        good[0],  # a duplicate
+        {"prompt": "Q?", "chosen": " same", "rejected": " same"},  # chosen == rejected
+        {"prompt": "Q?", "chosen": " ok\n\nHuman: and another thing", "rejected": " no"},  # role marker
+        {"prompt": "Q " * 300, "chosen": " long prompt", "rejected": " x"},  # over max_length
+        {"prompt": "Q?", "chosen": " a\x16b", "rejected": " c"},
+    ]  # SmolLM2's vocabulary drops \x16
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     code, out = run_check(capsys, path, "--json", "--data.max_length", 128, "--data.max_prompt_length", 64)
@@ -46,16 +48,21 @@ def test_every_problem_is_counted(tmp_path, capsys):
     assert r["max_length"]["would_truncate"] == 1 and r["max_length"]["prompts_cut"] == 1
     assert r["examples"] == 8 and r["skipped"] == {"chosen equals rejected": 1}
     assert r["not_reproduced_by_tokenizer"] == 1 and "line 9" in r["not_reproduced_first"][0]
-    code, out = run_check(capsys, path, "--json", "--data.max_length", 128, "--data.max_prompt_length", 64,
-                          "--data.truncation", "drop")
+    code, out = run_check(
+        capsys, path, "--json", "--data.max_length", 128, "--data.max_prompt_length", 64, "--data.truncation", "drop"
+    )
     assert json.loads(out)["max_length"]["would_drop"] == 1
 
 
 def test_implicit_problems(tmp_path, capsys):
-    recs = [{"chosen": HH.format(q="a") + " yes", "rejected": HH.format(q="a") + " no"},
-            {"chosen": HH.format(q="b") + " x\n\nHuman: more\n\nAssistant: y",
-             "rejected": HH.format(q="b") + " z\n\nHuman: else\n\nAssistant: w"},
-            {"chosen": HH.format(q="c") + " fine", "rejected": HH.format(q="c")}]
+    recs = [
+        {"chosen": HH.format(q="a") + " yes", "rejected": HH.format(q="a") + " no"},
+        {
+            "chosen": HH.format(q="b") + " x\n\nHuman: more\n\nAssistant: y",
+            "rejected": HH.format(q="b") + " z\n\nHuman: else\n\nAssistant: w",
+        },
+        {"chosen": HH.format(q="c") + " fine", "rejected": HH.format(q="c")},
+    ]
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     code, out = run_check(capsys, path, "--json")

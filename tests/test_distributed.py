@@ -19,15 +19,26 @@ import yaml
 from safetensors.torch import load_file
 
 from prefopt import config
-from prefopt.train import train
+from prefopt.recipes.train import train
 
-PAIRS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" {2 * i}.",
-          "rejected": f" I do not know, maybe {i + 1} or so."} for i in range(16)]
+PAIRS = [
+    {
+        "prompt": f"Question {i}: what is {i} plus {i}?",
+        "chosen": f" {2 * i}.",
+        "rejected": f" I do not know, maybe {i + 1} or so.",
+    }
+    for i in range(16)
+]
 # three in four desirable, all alike: the policy raises the mismatched completions too, so the KL
 # baseline z0 is positive and enters the loss
-UNPAIRED = [{"prompt": f"Question {i}: what is {i} plus {i}?",
-             "completion": f" {2 * i}." if i % 4 else f" Maybe {i + 3}, I am not sure.", "label": bool(i % 4)}
-            for i in range(16)]
+UNPAIRED = [
+    {
+        "prompt": f"Question {i}: what is {i} plus {i}?",
+        "completion": f" {2 * i}." if i % 4 else f" Maybe {i + 3}, I am not sure.",
+        "label": bool(i % 4),
+    }
+    for i in range(16)
+]
 
 
 def free_port() -> int:
@@ -43,8 +54,16 @@ def base_config(tmp_path, tiny_dir, rows, name, **train_keys) -> dict:
         "model": {"name": tiny_dir},
         "data": {"train": str(data), "max_length": 64, "max_prompt_length": 32},
         "reference": {"cache_dir": str(tmp_path / f"ref-cache-{name}")},
-        "train": {"max_steps": 4, "lr": 1e-2, "warmup_ratio": 0.0, "progress": False, "seed": 0,
-                  "bf16": False, "save_steps": 0, "output_dir": str(tmp_path / name)},
+        "train": {
+            "max_steps": 4,
+            "lr": 1e-2,
+            "warmup_ratio": 0.0,
+            "progress": False,
+            "seed": 0,
+            "bf16": False,
+            "save_steps": 0,
+            "output_dir": str(tmp_path / name),
+        },
     }
     raw["train"].update(train_keys)
     return raw
@@ -53,8 +72,21 @@ def base_config(tmp_path, tiny_dir, rows, name, **train_keys) -> dict:
 def torchrun(tmp_path, raw: dict, nproc: int) -> Path:
     cfg = tmp_path / f"{Path(raw['train']['output_dir']).name}.yaml"
     cfg.write_text(yaml.safe_dump(raw))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "prefopt", "train", str(cfg)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "prefopt",
+        "train",
+        str(cfg),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

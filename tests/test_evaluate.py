@@ -12,13 +12,21 @@ import torch
 
 from prefopt import config
 from prefopt.cli import main
-from prefopt.evaluate import evaluate_data, score_data
-from prefopt.train import train
+from prefopt.evaluation.reward_model import evaluate_data, score_data
+from prefopt.recipes.train import train
 
-PAIRS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" {2 * i}.",
-          "rejected": f" I do not know, maybe {i + 1} or so."} for i in range(8)]
-UNPAIRED = [{"prompt": p["prompt"], "completion": p["chosen"] if i % 2 == 0 else p["rejected"], "label": i % 2 == 0}
-            for i, p in enumerate(PAIRS)]
+PAIRS = [
+    {
+        "prompt": f"Question {i}: what is {i} plus {i}?",
+        "chosen": f" {2 * i}.",
+        "rejected": f" I do not know, maybe {i + 1} or so.",
+    }
+    for i in range(8)
+]
+UNPAIRED = [
+    {"prompt": p["prompt"], "completion": p["chosen"] if i % 2 == 0 else p["rejected"], "label": i % 2 == 0}
+    for i, p in enumerate(PAIRS)
+]
 PAIR_KEYS = {"model", "data", "loss", "beta", "reward", "shape", "read", "pairs", "policy", "reference", "tokens"}
 
 
@@ -36,8 +44,17 @@ def run(tiny_dir, data_file, folder, name, steps=6, **sections) -> str:
         "model": {"name": tiny_dir},
         "data": {"train": data_file, "max_length": 64, "max_prompt_length": 32},
         "reference": {"cache_dir": str(folder / "ref-cache")},
-        "train": {"output_dir": str(folder / name), "max_steps": steps, "batch_size": 2, "lr": 1e-2,
-                  "warmup_ratio": 0.0, "progress": False, "seed": 0, "bf16": False, "save_steps": 0},
+        "train": {
+            "output_dir": str(folder / name),
+            "max_steps": steps,
+            "batch_size": 2,
+            "lr": 1e-2,
+            "warmup_ratio": 0.0,
+            "progress": False,
+            "seed": 0,
+            "bf16": False,
+            "save_steps": 0,
+        },
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
@@ -57,6 +74,7 @@ def full_run(tiny_dir, data):
 
 # -- an independent computation -----------------------------------------------------------------------
 
+
 def direct_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
     """Summed log p(response | prompt) of each (prompt ids, response ids): one right-padded forward
     with an ordinary attention mask, log_softmax over the vocabulary, gather the response tokens."""
@@ -65,8 +83,8 @@ def direct_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int) ->
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
     with torch.no_grad():
         logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
     out = []
@@ -83,8 +101,12 @@ def tokenized(tiny_dir, items):
     from prefopt.data.tokenize import tokenize_pairs
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    records = [Pair(p["prompt"], p["chosen"], p["rejected"]) if "chosen" in p else
-               Unpaired(p["prompt"], p["completion"], p["label"]) for p in items]
+    records = [
+        Pair(p["prompt"], p["chosen"], p["rejected"])
+        if "chosen" in p
+        else Unpaired(p["prompt"], p["completion"], p["label"])
+        for p in items
+    ]
     examples, _ = tokenize_pairs(records, tok, max_length=64, max_prompt_length=32)
     return examples, tok.pad_token_id
 
@@ -120,13 +142,21 @@ def read_lines(path):
 
 # -- paired ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_pair_rewards_match_direct_computation(kind, request, tiny_dir, data, tmp_path):
     out = request.getfixturevalue(f"{kind}_run")
     m = evaluate_data(out, data["pairs"], batch_size=3, progress=False)
     assert PAIR_KEYS <= set(m) and m["loss"] == "sigmoid" and m["beta"] == 0.1 and m["shape"] == "paired"
-    assert m["read"] == {"records": 8, "items": 8, "skipped": 0, "skipped_by_reason": {}, "scored": 8,
-                         "truncated": 0, "dropped_too_long": 0}
+    assert m["read"] == {
+        "records": 8,
+        "items": 8,
+        "skipped": 0,
+        "skipped_by_reason": {},
+        "scored": 8,
+        "truncated": 0,
+        "dropped_too_long": 0,
+    }
     pol, refl, rewards, lengths = direct_pair_rewards(tiny_dir, out, kind == "lora", 0.1)
     rc, rr = rewards[0::2], rewards[1::2]
     margins = [a - b for a, b in zip(rc, rr)]
@@ -138,8 +168,10 @@ def test_pair_rewards_match_direct_computation(kind, request, tiny_dir, data, tm
     assert m["policy"]["reward_chosen"]["p50"] == pytest.approx(median, abs=1e-5)
     assert m["reference"]["likelihood_accuracy"] == sum(a > b for a, b in zip(refl[0::2], refl[1::2])) / 8
     per_token = [x / n for x, n in zip(refl, lengths)]
-    assert m["reference"]["likelihood_accuracy_per_token"] == \
-        sum(a > b for a, b in zip(per_token[0::2], per_token[1::2])) / 8
+    assert (
+        m["reference"]["likelihood_accuracy_per_token"]
+        == sum(a > b for a, b in zip(per_token[0::2], per_token[1::2])) / 8
+    )
     assert m["policy"]["likelihood_accuracy"] == sum(a > b for a, b in zip(pol[0::2], pol[1::2])) / 8
     # trained on these pairs: the implicit reward ranks them and the margin is positive
     assert m["policy"]["reward_accuracy"] > 0.5 and m["policy"]["margin_mean"] > 0
@@ -188,6 +220,7 @@ def test_reference_free_simpo_reward_is_per_token(tiny_dir, data, lora_run, tmp_
 
 # -- unpaired ----------------------------------------------------------------------------------------
 
+
 def test_unpaired_kto_sign_accuracy(tiny_dir, data, tmp_path):
     out = run(tiny_dir, data["unpaired"], data["folder"], "kto", loss={"name": "kto"}, lora={"enabled": True, "r": 4})
     m = evaluate_data(out, data["unpaired"], progress=False)
@@ -214,11 +247,15 @@ def test_unpaired_kto_sign_accuracy(tiny_dir, data, tmp_path):
     assert m["policy"]["reward_desirable_mean"] == pytest.approx(sum(des) / 4, abs=1e-5)
     assert m["policy"]["reward_undesirable_mean"] == pytest.approx(sum(und) / 4, abs=1e-5)
     assert m["policy"]["reward_auc"] == sum((a > b) + 0.5 * (a == b) for a in des for b in und) / 16
-    assert m["policy"]["sign_accuracy"] > 0.5 and m["policy"]["reward_desirable_mean"] > m["policy"]["reward_undesirable_mean"]
+    assert (
+        m["policy"]["sign_accuracy"] > 0.5
+        and m["policy"]["reward_desirable_mean"] > m["policy"]["reward_undesirable_mean"]
+    )
     assert 0 <= m["reference"]["likelihood_auc_per_token"] <= 1
 
 
 # -- command line ------------------------------------------------------------------------------------
+
 
 def test_cli_eval_json_and_table(lora_run, data, capsys):
     assert main(["eval", "--model", lora_run, "--data", data["pairs"], "--json"]) == 0
@@ -248,8 +285,10 @@ def test_cli_errors(lora_run, data, tmp_path, capsys):
     assert main(["score", "--model", str(missing), "--data", data["pairs"]]) == 2
     assert str(missing) in capsys.readouterr().err
     # usage errors: argparse's message and exit code 2
-    for argv in (["eval", "--model", lora_run, "--data", data["pairs"], "--prompts", "p.txt"],
-                 ["eval", "--model", lora_run]):
+    for argv in (
+        ["eval", "--model", lora_run, "--data", data["pairs"], "--prompts", "p.txt"],
+        ["eval", "--model", lora_run],
+    ):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
@@ -261,8 +300,21 @@ def test_cli_eval_prompts_samples_policy_and_reference(lora_run, tmp_path, capsy
     """--prompts: policy and reference sample the same prompts; rewards, win rate and KL are reported."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Question 1: what is 1 plus 1?\nQuestion 5: what is 5 plus 5?\n")
-    argv = ["eval", "--model", lora_run, "--prompts", str(prompts), "--reward", "length", "--samples", "3",
-            "--max-new-tokens", "5", "--seed", "3"]
+    argv = [
+        "eval",
+        "--model",
+        lora_run,
+        "--prompts",
+        str(prompts),
+        "--reward",
+        "length",
+        "--samples",
+        "3",
+        "--max-new-tokens",
+        "5",
+        "--seed",
+        "3",
+    ]
     assert main(argv + ["--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["prompt_count"] == 2 and res["samples"] == 6 and res["reward"] == "length"

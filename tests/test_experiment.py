@@ -10,14 +10,22 @@ import math
 import pytest
 import torch
 
-from prefopt.experiment import ExperimentConfig, Experiment, binarise, build_pairs
-from prefopt.gen_eval import generation_eval
-from prefopt import rewards
+from prefopt.evaluation import rewards
+from prefopt.evaluation.generation import generation_eval
+from prefopt.experiments.experiment import Experiment, ExperimentConfig, binarise, build_pairs
 
 
 def quick(tiny_dir, tmp_path, **kw):
-    return ExperimentConfig.quick(**{"model": tiny_dir, "reward": "length", "out": str(tmp_path / "exp"),
-                                     "progress": False, "max_new_tokens": 6, **kw})
+    return ExperimentConfig.quick(
+        **{
+            "model": tiny_dir,
+            "reward": "length",
+            "out": str(tmp_path / "exp"),
+            "progress": False,
+            "max_new_tokens": 6,
+            **kw,
+        }
+    )
 
 
 def test_generation_eval_kl_is_zero_for_the_reference_and_positive_after_a_move(tiny_dir, tmp_path):
@@ -25,16 +33,35 @@ def test_generation_eval_kl_is_zero_for_the_reference_and_positive_after_a_move(
     model = exp.fresh_policy()  # a fresh LoRA adapter is zero: the policy is the reference
     with torch.no_grad():  # the random tiny model is near uniform; peaked logits make moves visible
         model.get_input_embeddings().weight.mul_(40.0)  # tied: the lm-head too, policy and reference alike
-    res = generation_eval(model, exp.tokenizer, exp.eval_ids, exp.eval_text, exp.reward, samples=3,
-                          max_new_tokens=6, seed=5, progress=False)
+    res = generation_eval(
+        model,
+        exp.tokenizer,
+        exp.eval_ids,
+        exp.eval_text,
+        exp.reward,
+        samples=3,
+        max_new_tokens=6,
+        seed=5,
+        progress=False,
+    )
     assert res["policy_samples"] == res["ref_samples"]
     assert abs(res["kl_nats"]) < 1e-4 and res["reward_gain"] == 0 and res["win_rate"] == 0.5
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.add_(torch.randn_like(p) * 0.5)
-    moved = generation_eval(model, exp.tokenizer, exp.eval_ids, exp.eval_text, exp.reward, samples=3,
-                            max_new_tokens=6, seed=5, ref_samples=res["ref_samples"], progress=False)
+    moved = generation_eval(
+        model,
+        exp.tokenizer,
+        exp.eval_ids,
+        exp.eval_text,
+        exp.reward,
+        samples=3,
+        max_new_tokens=6,
+        seed=5,
+        ref_samples=res["ref_samples"],
+        progress=False,
+    )
     assert moved["kl_nats"] > 0.01
     assert moved["reward_reference"] == res["reward_reference"]  # the reference samples were reused
 
@@ -59,8 +86,8 @@ def test_build_pairs_best_vs_worst_and_rso(smol_tokenizer):
 
 
 def test_frontier_and_rounds_end_to_end(tiny_dir, tmp_path):
-    from prefopt.frontier import run_frontier
-    from prefopt.rounds import run_rounds
+    from prefopt.experiments.frontier import run_frontier
+    from prefopt.experiments.rounds import run_rounds
 
     cfg = quick(tiny_dir, tmp_path, grid={"sigmoid": [0.1, 0.5], "kto": [0.1]}, lr=5e-2)
     res = run_frontier(cfg)
@@ -75,13 +102,15 @@ def test_frontier_and_rounds_end_to_end(tiny_dir, tmp_path):
     rounds = run_rounds(quick(tiny_dir, tmp_path, rounds=2, lr=5e-2, out=str(tmp_path / "rounds")))
     runs = [(r["run"], r["round"]) for r in rounds["rows"]]
     assert runs == [("on-policy", 1), ("on-policy", 2), ("offline x2 epochs", 2)]
-    assert rounds["rows"][2]["steps"] == rounds["rows"][0]["steps"] + rounds["rows"][1]["steps"] or \
-        rounds["rows"][2]["steps"] == 2 * rounds["rows"][0]["steps"]
+    assert (
+        rounds["rows"][2]["steps"] == rounds["rows"][0]["steps"] + rounds["rows"][1]["steps"]
+        or rounds["rows"][2]["steps"] == 2 * rounds["rows"][0]["steps"]
+    )
 
 
 def test_experiment_config_errors(tmp_path):
     from prefopt.errors import PrefoptError
-    from prefopt.experiment import load_config
+    from prefopt.experiments.experiment import load_config
 
     with pytest.raises(PrefoptError, match="unknown key 'betas'"):
         load_config(None, {"betas": [0.1]})
@@ -97,8 +126,9 @@ def test_cli_rounds_and_frontier_quick(tiny_dir, tmp_path, capsys):
     from prefopt.cli import main
 
     out = tmp_path / "cli"
-    assert main(["rounds", "--quick", "--model", tiny_dir, "--reward", "length", "--out", str(out),
-                 "--rounds", "2"]) == 0
+    assert (
+        main(["rounds", "--quick", "--model", tiny_dir, "--reward", "length", "--out", str(out), "--rounds", "2"]) == 0
+    )
     text = capsys.readouterr().out
     assert "on-policy" in text and "offline x2 epochs" in text and (out / "rounds.csv").is_file()
     assert main(["frontier", "--quick", "--model", tiny_dir, "--reward", "length", "--out", str(out)]) == 0

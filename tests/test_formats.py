@@ -17,12 +17,16 @@ RECORDS = [
     {"prompt": "Capital of France?", "chosen": " Paris", "rejected": " Rome"},
 ]
 CONV = [
-    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-     "chosen": [{"role": "assistant", "content": "Hello."}],
-     "rejected": [{"role": "assistant", "content": "What?"}]},
-    {"prompt": [{"role": "user", "content": "2+2?"}],
-     "chosen": [{"role": "assistant", "content": "4"}],
-     "rejected": [{"role": "assistant", "content": "5"}]},
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        "chosen": [{"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "assistant", "content": "What?"}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    },
 ]
 
 
@@ -35,7 +39,8 @@ def write_jsonl(path: Path, records, raw_lines=None) -> Path:
 def check_standard(pairs, shape, source):
     assert shape == "standard"
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
-        (r["prompt"], r["chosen"], r["rejected"]) for r in RECORDS]
+        (r["prompt"], r["chosen"], r["rejected"]) for r in RECORDS
+    ]
     assert all(not p.conversational for p in pairs)
     assert all(str(source) in p.where for p in pairs)
 
@@ -81,8 +86,9 @@ def test_save_to_disk_folder_and_datasetdict(tmp_path):
     check_standard(*load_pairs(str(folder)), folder)
 
     dd_folder = tmp_path / "dd"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS),
-                          "test": datasets.Dataset.from_list(RECORDS[:1])}).save_to_disk(str(dd_folder))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(RECORDS), "test": datasets.Dataset.from_list(RECORDS[:1])}
+    ).save_to_disk(str(dd_folder))
     check_standard(*load_pairs(str(dd_folder)), dd_folder)
     pairs, _ = load_pairs(str(dd_folder), split="test")
     assert len(pairs) == 1

@@ -32,15 +32,18 @@ def paired_examples(seed: int = 0) -> list[dict]:
     """Very different lengths in one batch: prompts of 1 and 40 tokens, responses of 1 and 30."""
     rng = random.Random(seed)
     shapes = [(1, 30, 1), (40, 1, 30), (7, 5, 12), (40, 30, 29), (1, 1, 1)]
-    return [{"prompt_ids": _ids(rng, p), "chosen_ids": _ids(rng, c), "rejected_ids": _ids(rng, r)}
-            for p, c, r in shapes]
+    return [
+        {"prompt_ids": _ids(rng, p), "chosen_ids": _ids(rng, c), "rejected_ids": _ids(rng, r)} for p, c, r in shapes
+    ]
 
 
 def unpaired_examples(seed: int = 1) -> list[dict]:
     rng = random.Random(seed)
     shapes = [(1, 30), (40, 1), (9, 13)]
-    return [{"prompt_ids": _ids(rng, p), "completion_ids": _ids(rng, c), "label": i % 2 == 0}
-            for i, (p, c) in enumerate(shapes)]
+    return [
+        {"prompt_ids": _ids(rng, p), "completion_ids": _ids(rng, c), "label": i % 2 == 0}
+        for i, (p, c) in enumerate(shapes)
+    ]
 
 
 def responses(ex: dict) -> list[list[int]]:
@@ -186,9 +189,11 @@ def test_real_smollm2_matches_direct(smol_dir, smol_tokenizer):
     pt = PairTokenizer(smol_tokenizer, max_length=512, max_prompt_length=256)
     pairs = [
         Pair("What is the capital of France?", " Paris.", " I think it is Lyon, or maybe Marseille; hard to say."),
-        Pair([{"role": "user", "content": "Name a colour."}],
-             [{"role": "assistant", "content": "Blue."}],
-             [{"role": "assistant", "content": "Colours are perceptions of light wavelengths, so there are many."}]),
+        Pair(
+            [{"role": "user", "content": "Name a colour."}],
+            [{"role": "assistant", "content": "Blue."}],
+            [{"role": "assistant", "content": "Colours are perceptions of light wavelengths, so there are many."}],
+        ),
     ]
     examples = [pt(p) for p in pairs]
     with torch.no_grad():

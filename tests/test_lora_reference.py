@@ -14,7 +14,10 @@ from prefopt.data.collate import Collator
 from prefopt.modeling import reference
 from prefopt.modeling.load import add_lora, load_model
 from prefopt.modeling.logprobs import sequence_logps
-from prefopt.trainer import reference_logps
+
+
+def reference_logps(model, batch, ref_model=None, chunk=1024):
+    return reference.outputs(model, batch, ref_model, chunk)["logps"]
 
 
 def make_examples(n: int = 6, seed: int = 0) -> list[dict]:
@@ -23,8 +26,14 @@ def make_examples(n: int = 6, seed: int = 0) -> list[dict]:
     def ids(k):
         return [rng.randrange(3, 49152) for _ in range(k)]
 
-    return [{"prompt_ids": ids(rng.randint(1, 20)), "chosen_ids": ids(rng.randint(1, 15)),
-             "rejected_ids": ids(rng.randint(1, 15))} for _ in range(n)]
+    return [
+        {
+            "prompt_ids": ids(rng.randint(1, 20)),
+            "chosen_ids": ids(rng.randint(1, 15)),
+            "rejected_ids": ids(rng.randint(1, 15)),
+        }
+        for _ in range(n)
+    ]
 
 
 def perturb_adapter(model, seed: int = 0) -> int:

@@ -36,6 +36,7 @@ def t(x):
 # scalar references (plain floats, math only)
 # --------------------------------------------------------------------------------------------
 
+
 def sig(x):
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
@@ -69,8 +70,9 @@ def pairs(d):
 def ref_sigmoid(d, beta=0.1, label_smoothing=0.0, f_divergence="reverse_kl", f_alpha=1.0):
     out = []
     for i in pairs(d):
-        h = (f_prime(d["lc"][i] - d["rc"][i], f_divergence, f_alpha)
-             - f_prime(d["lr"][i] - d["rr"][i], f_divergence, f_alpha))
+        h = f_prime(d["lc"][i] - d["rc"][i], f_divergence, f_alpha) - f_prime(
+            d["lr"][i] - d["rr"][i], f_divergence, f_alpha
+        )
         out.append(smoothed(beta * h, label_smoothing))
     return out
 
@@ -108,8 +110,12 @@ def ref_exo_pair(d, beta=0.1, label_smoothing=1e-3):
 
 
 def ref_nca_pair(d, beta=0.1):
-    return [-logsig(beta * (d["lc"][i] - d["rc"][i])) - 0.5 * logsig(-beta * (d["lc"][i] - d["rc"][i]))
-            - 0.5 * logsig(-beta * (d["lr"][i] - d["rr"][i])) for i in pairs(d)]
+    return [
+        -logsig(beta * (d["lc"][i] - d["rc"][i]))
+        - 0.5 * logsig(-beta * (d["lc"][i] - d["rc"][i]))
+        - 0.5 * logsig(-beta * (d["lr"][i] - d["rr"][i]))
+        for i in pairs(d)
+    ]
 
 
 def _delta(rewards, state):
@@ -128,8 +134,7 @@ def ref_bco_pair(d, beta=0.1, state=None):
 
 
 def ref_sppo_hard(d, beta=0.1):
-    return [(d["lc"][i] - d["rc"][i] - 0.5 / beta) ** 2 + (d["lr"][i] - d["rr"][i] + 0.5 / beta) ** 2
-            for i in pairs(d)]
+    return [(d["lc"][i] - d["rc"][i] - 0.5 / beta) ** 2 + (d["lr"][i] - d["rr"][i] + 0.5 / beta) ** 2 for i in pairs(d)]
 
 
 def ref_aot(d, beta=0.1, label_smoothing=0.0):
@@ -162,8 +167,10 @@ def ref_discopop(d, beta=0.1, discopop_tau=0.05):
 
 
 def ref_sigmoid_norm(d, beta=5.0):
-    return [-logsig(beta * ((d["lc"][i] - d["rc"][i]) / d["nc"][i] - (d["lr"][i] - d["rr"][i]) / d["nr"][i]))
-            for i in pairs(d)]
+    return [
+        -logsig(beta * ((d["lc"][i] - d["rc"][i]) / d["nc"][i] - (d["lr"][i] - d["rr"][i]) / d["nr"][i]))
+        for i in pairs(d)
+    ]
 
 
 def ref_sigmoid_ref_free(d, beta=0.1, label_smoothing=0.0):
@@ -211,8 +218,11 @@ def ref_kto(d, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
     out = []
     for lp, rp, good in zip(d["lp"], d["ref"], d["label"]):
         delta = lp - rp
-        out.append(desirable_weight * (1 - sig(beta * (delta - z0))) if good
-                   else undesirable_weight * (1 - sig(beta * (z0 - delta))))
+        out.append(
+            desirable_weight * (1 - sig(beta * (delta - z0)))
+            if good
+            else undesirable_weight * (1 - sig(beta * (z0 - delta)))
+        )
     return out
 
 
@@ -223,8 +233,10 @@ def ref_bco(d, beta=0.1, state=None):
 
 
 def ref_apo_zero_unpaired(d, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
-    return [desirable_weight * (1 - sig(beta * (lp - rp))) if good else undesirable_weight * sig(beta * (lp - rp))
-            for lp, rp, good in zip(d["lp"], d["ref"], d["label"])]
+    return [
+        desirable_weight * (1 - sig(beta * (lp - rp))) if good else undesirable_weight * sig(beta * (lp - rp))
+        for lp, rp, good in zip(d["lp"], d["ref"], d["label"])
+    ]
 
 
 REFERENCE = {name[4:]: fn for name, fn in globals().items() if name.startswith("ref_") and callable(fn)}
@@ -235,21 +247,41 @@ REFERENCE = {name[4:]: fn for name, fn in globals().items() if name.startswith("
 
 PAIRED_INPUTS = [
     # no ties among the sorted quantities of AOT (its gradient is only piecewise smooth)
-    dict(lc=[-3.2, -10.5, -6.95], lr=[-4.1, -9.0, -7.9], rc=[-3.5, -10.0, -7.4], rr=[-3.9, -9.7, -7.05],
-         nc=[4.0, 12.0, 7.0], nr=[5.0, 9.0, 8.0]),
+    dict(
+        lc=[-3.2, -10.5, -6.95],
+        lr=[-4.1, -9.0, -7.9],
+        rc=[-3.5, -10.0, -7.4],
+        rr=[-3.9, -9.7, -7.05],
+        nc=[4.0, 12.0, 7.0],
+        nr=[5.0, 9.0, 8.0],
+    ),
     dict(lc=[-20.0, -1.5], lr=[-35.0, -0.7], rc=[-25.0, -1.0], rr=[-30.0, -1.2], nc=[10.0, 2.0], nr=[14.0, 1.0]),
 ]
 UNPAIRED_INPUTS = [
-    dict(lp=[-3.0, -8.0, -5.5, -2.0], ref=[-3.4, -7.5, -5.0, -2.6], label=[True, False, True, False],
-         kl=[-4.0, -6.0, -3.0], kl_ref=[-4.5, -6.2, -3.9]),  # z0 = 0.533…
-    dict(lp=[-12.0, -1.0, -30.0], ref=[-10.0, -1.5, -26.0], label=[False, True, True],
-         kl=[-4.0, -6.0], kl_ref=[-3.0, -5.5]),  # mean KL estimate < 0 → z0 = 0
+    dict(
+        lp=[-3.0, -8.0, -5.5, -2.0],
+        ref=[-3.4, -7.5, -5.0, -2.6],
+        label=[True, False, True, False],
+        kl=[-4.0, -6.0, -3.0],
+        kl_ref=[-4.5, -6.2, -3.9],
+    ),  # z0 = 0.533…
+    dict(
+        lp=[-12.0, -1.0, -30.0],
+        ref=[-10.0, -1.5, -26.0],
+        label=[False, True, True],
+        kl=[-4.0, -6.0],
+        kl_ref=[-3.0, -5.5],
+    ),  # mean KL estimate < 0 → z0 = 0
 ]
 
 # hyperparameters for the second golden run of each loss (the first uses the defaults)
 VARIANT = {
-    "sigmoid": [dict(beta=0.3, label_smoothing=0.1), dict(beta=0.2, f_divergence="forward_kl"),
-                dict(beta=0.2, f_divergence="js"), dict(beta=0.2, f_divergence="alpha", f_alpha=0.5)],
+    "sigmoid": [
+        dict(beta=0.3, label_smoothing=0.1),
+        dict(beta=0.2, f_divergence="forward_kl"),
+        dict(beta=0.2, f_divergence="js"),
+        dict(beta=0.2, f_divergence="alpha", f_alpha=0.5),
+    ],
     "robust": [dict(beta=0.3, label_smoothing=0.2)],
     "ipo": [dict(beta=0.5, ipo_normalize=False)],
     "hinge": [dict(beta=0.7)],
@@ -295,12 +327,15 @@ def golden_cases():
         inputs = PAIRED_INPUTS if spec.paired else UNPAIRED_INPUTS
         for kw in [{}] + VARIANT[name]:
             for k, d in enumerate(inputs):
-                yield pytest.param(name, d, kw, id=f"{name}-{k}-{'-'.join(f'{a}={b}' for a, b in kw.items()) or 'defaults'}")
+                yield pytest.param(
+                    name, d, kw, id=f"{name}-{k}-{'-'.join(f'{a}={b}' for a, b in kw.items()) or 'defaults'}"
+                )
 
 
 # --------------------------------------------------------------------------------------------
 # (a) golden values
 # --------------------------------------------------------------------------------------------
+
 
 def test_every_loss_has_a_reference_and_variants():
     assert set(REFERENCE) == set(losses.REGISTRY)
@@ -414,6 +449,7 @@ def test_ld_logps_golden():
 # (b) gradcheck
 # --------------------------------------------------------------------------------------------
 
+
 class FrozenState(losses.BCOState):
     """δ held fixed, as the detached running mean is for the gradient."""
 
@@ -452,7 +488,9 @@ def test_bco_delta_is_detached():
     d = PAIRED_INPUTS[0]
     out, (lc, lr) = run(losses.get("bco_pair"), d, grad=True, beta=0.3)
     g_c, g_r = torch.autograd.grad(out.sum(), (lc, lr))
-    delta = mean([0.3 * (d["lc"][i] - d["rc"][i]) for i in range(3)] + [0.3 * (d["lr"][i] - d["rr"][i]) for i in range(3)])
+    delta = mean(
+        [0.3 * (d["lc"][i] - d["rc"][i]) for i in range(3)] + [0.3 * (d["lr"][i] - d["rr"][i]) for i in range(3)]
+    )
     for i in range(3):
         rc = 0.3 * (d["lc"][i] - d["rc"][i])
         rr = 0.3 * (d["lr"][i] - d["rr"][i])
@@ -463,6 +501,7 @@ def test_bco_delta_is_detached():
 # --------------------------------------------------------------------------------------------
 # (c) DPO's analytic gradient
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
 def test_dpo_analytic_gradient(beta):
@@ -481,15 +520,51 @@ def test_dpo_analytic_gradient(beta):
 
 REFERENCE_FREE = {"simpo", "cpo", "orpo", "sigmoid_ref_free", "sft"}
 UNPAIRED = {"kto", "bco", "apo_zero_unpaired"}
-NEEDS_LENGTHS = {"ipo", "sigmoid_norm", "simpo", "cpo", "orpo", "sft", "rpo", "mpo"}
-NEEDS_NLL = {"cpo", "orpo", "sft", "rpo", "mpo"}
+NEEDS_LENGTHS = {"ipo", "sigmoid_norm", "simpo", "cpo", "orpo", "sft", "rpo", "mpo"}  # raise without len_c/len_r
+PER_TOKEN_REWARD = {"ipo", "sigmoid_norm", "simpo"}  # ipo: with its default ipo_normalize
+KL_BASELINE = {"kto"}
+ORDER_STATISTICS = {"aot", "aot_pair"}
 STATEFUL = {"bco_pair", "bco", "mpo"}
-REQUIRED = {"sigmoid", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-            "aot_pair", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo", "cpo", "orpo",
-            "sigmoid_ref_free", "kto", "bco", "apo_zero_unpaired", "rpo", "mpo"}
-CONFIG_KEYS = {"beta", "label_smoothing", "gamma", "alpha", "orpo_lambda", "desirable_weight",
-               "undesirable_weight", "ipo_normalize", "f_divergence", "f_alpha", "ld_alpha", "rpo_alpha",
-               "discopop_tau"}
+REQUIRED = {
+    "sigmoid",
+    "robust",
+    "ipo",
+    "hinge",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_pair",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+    "simpo",
+    "cpo",
+    "orpo",
+    "sigmoid_ref_free",
+    "kto",
+    "bco",
+    "apo_zero_unpaired",
+    "rpo",
+    "mpo",
+}
+CONFIG_KEYS = {
+    "beta",
+    "label_smoothing",
+    "gamma",
+    "alpha",
+    "orpo_lambda",
+    "desirable_weight",
+    "undesirable_weight",
+    "ipo_normalize",
+    "f_divergence",
+    "f_alpha",
+    "ld_alpha",
+    "rpo_alpha",
+    "discopop_tau",
+}
 
 
 def test_registry_declarations():
@@ -498,12 +573,12 @@ def test_registry_declarations():
         assert spec.name == name
         assert spec.needs_reference == (name not in REFERENCE_FREE), name
         assert spec.paired == (name not in UNPAIRED), name
-        assert spec.needs_lengths == (name in NEEDS_LENGTHS), name
-        assert spec.needs_nll == (name in NEEDS_NLL), name
+        assert spec.reward_is_per_token() == (name in PER_TOKEN_REWARD), name
+        assert spec.kl_baseline == (name in KL_BASELINE), name
+        assert spec.per_pair == (name not in ORDER_STATISTICS), name
         assert spec.stateful == (name in STATEFUL), name
         assert isinstance(spec.hyperparameters, dict)
         assert set(spec.hyperparameters) <= CONFIG_KEYS, name  # LossConfig's names, nothing else
-        assert spec.summary and "\n" not in spec.summary
         assert spec.fn.__doc__, name  # the formula
 
 
@@ -573,8 +648,7 @@ def test_sigmoid_keeps_its_old_call():
     d = PAIRED_INPUTS[0]
     out = losses.sigmoid(t(d["lc"]), t(d["lr"]), t(d["rc"]), t(d["rr"]), beta=0.1)
     assert out.tolist() == pytest.approx(ref_sigmoid(d, beta=0.1), rel=1e-12)
-    out = losses.REGISTRY["sigmoid"].fn(t(d["lc"]), t(d["lr"]), t(d["rc"]), t(d["rr"]), beta=0.1,
-                                        label_smoothing=0.2)
+    out = losses.REGISTRY["sigmoid"].fn(t(d["lc"]), t(d["lr"]), t(d["rc"]), t(d["rr"]), beta=0.1, label_smoothing=0.2)
     assert out.tolist() == pytest.approx(ref_sigmoid(d, beta=0.1, label_smoothing=0.2), rel=1e-12)
 
 
@@ -593,13 +667,13 @@ def test_with_nll_and_combine():
     assert out.tolist() == pytest.approx(want, rel=1e-12)
 
     spec = losses.combine([("ipo", 0.5), ("simpo", 2.0)])
-    assert spec.paired and spec.needs_reference and spec.needs_lengths and not spec.needs_nll
+    assert spec.paired and spec.needs_reference and spec.per_pair
     assert set(spec.hyperparameters) == {"beta", "ipo_normalize", "gamma"}
     out, _ = run(spec, d, beta=0.7, gamma=0.2)
     want = [0.5 * a + 2.0 * b for a, b in zip(ref_ipo(d, beta=0.7), ref_simpo(d, beta=0.7, gamma=0.2))]
     assert out.tolist() == pytest.approx(want, rel=1e-12)
     free = losses.combine([(losses.get("sft"), 1.0), ("orpo", 1.0)], name="free")
-    assert free.name == "free" and not free.needs_reference and free.needs_nll
+    assert free.name == "free" and not free.needs_reference
     with pytest.raises(ValueError):
         losses.combine([("kto", 1.0)])
     with pytest.raises(ValueError):

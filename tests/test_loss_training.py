@@ -1,5 +1,5 @@
 """The loss family from training: every registered loss (and a `combine` config) through
-prefopt.train.train on a tiny model, shape errors, and the LD-DPO / WPO modifiers checked against a
+prefopt.recipes.train.train on a tiny model, shape errors, and the LD-DPO / WPO modifiers checked against a
 direct per-sequence computation from the model's full logits."""
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import torch
 import yaml
 
 from prefopt import config, losses
-from prefopt import train as train_mod
+from prefopt.data.collate import Collator
 from prefopt.data.formats import load_pairs
 from prefopt.data.tokenize import tokenize_pairs
 from prefopt.errors import PrefoptError
 from prefopt.modeling import load, reference
 from prefopt.modeling.logprobs import sequence_logps
+from prefopt.recipes import train as train_mod
+from prefopt.training import setup as training_setup
 
 PAIRS = [
     ("What is the capital of France?", "Paris.", "I believe it is Lyon, or maybe Marseille; it is hard to say."),
@@ -48,20 +50,29 @@ def data_files(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("loss-data")
     paired, unpaired = d / "pairs.jsonl", d / "unpaired.jsonl"
     paired.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in PAIRS))
-    unpaired.write_text("".join(json.dumps({"prompt": p, "completion": c, "label": y}) + "\n"
-                                for p, c, y in UNPAIRED))
+    unpaired.write_text("".join(json.dumps({"prompt": p, "completion": c, "label": y}) + "\n" for p, c, y in UNPAIRED))
     return {"paired": str(paired), "unpaired": str(unpaired)}
 
 
 def make_cfg(tiny_dir, data: str, tmp_path: Path, loss: dict, **train) -> config.Config:
-    return config.from_dict({
-        "model": {"name": tiny_dir},
-        "data": {"train": data, "max_length": 64, "max_prompt_length": 32},
-        "loss": loss,
-        "reference": {"cache_dir": str(tmp_path / "refcache")},
-        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "batch_size": 2, "progress": False,
-                  "bf16": False, "lr": 1e-3, "warmup_ratio": 0.0, **train},
-    })
+    return config.from_dict(
+        {
+            "model": {"name": tiny_dir},
+            "data": {"train": data, "max_length": 64, "max_prompt_length": 32},
+            "loss": loss,
+            "reference": {"cache_dir": str(tmp_path / "refcache")},
+            "train": {
+                "output_dir": str(tmp_path / "out"),
+                "max_steps": 2,
+                "batch_size": 2,
+                "progress": False,
+                "bf16": False,
+                "lr": 1e-3,
+                "warmup_ratio": 0.0,
+                **train,
+            },
+        }
+    )
 
 
 def metrics(out_dir) -> list[dict]:
@@ -69,7 +80,7 @@ def metrics(out_dir) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
-# (a) every loss trains for 2 steps through prefopt.train.train
+# (a) every loss trains for 2 steps through prefopt.recipes.train.train
 # --------------------------------------------------------------------------------------------
 
 COMBINE = {"name": "combine", "weights": {"dpo": 0.8, "bco_pair": 0.2, "sft": 1.0}, "ld_alpha": 0.5, "wpo": True}
@@ -91,16 +102,14 @@ def test_every_loss_trains(loss, tiny_dir, data_files, tmp_path, monkeypatch):
         calls["precompute"] += 1
         return real_precompute(*a, **k)
 
-    import prefopt.trainer as trainer_mod
-
-    real_outputs = trainer_mod.reference_outputs
+    real_outputs = reference.outputs
 
     def counting_outputs(*a, **k):
         calls["reference_forward"] += 1
         return real_outputs(*a, **k)
 
     monkeypatch.setattr(reference, "precompute", counting_precompute)
-    monkeypatch.setattr(trainer_mod, "reference_outputs", counting_outputs)
+    monkeypatch.setattr(reference, "outputs", counting_outputs)
 
     summary = train_mod.train(cfg)
     assert summary["steps"] == 2
@@ -142,17 +151,20 @@ def test_combine_from_the_command_line():
     assert cfg.loss.weights == {"sigmoid": 1.0, "sft": 0.5}
     assert cfg.loss.beta == 0.1 and cfg.loss.f_divergence == "reverse_kl"  # the union's defaults
     spec = config.resolve_loss(cfg.loss)
-    assert spec.paired and spec.needs_reference and spec.needs_nll
+    assert spec.paired and spec.needs_reference
     assert set(spec.hyperparameters) == {"beta", "label_smoothing", "f_divergence", "f_alpha"}
 
 
-@pytest.mark.parametrize("weights, fragment", [
-    (None, "must map each paired loss"),
-    ({"kto": 1.0}, "'kto', an unpaired loss"),
-    ({"sigmoid": 1.0, "nope": 1.0}, "'nope', which is not a known loss"),
-    ({"sigmoid": "heavy"}, "not a number"),
-    ("sigmoid", "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "weights, fragment",
+    [
+        (None, "must map each paired loss"),
+        ({"kto": 1.0}, "'kto', an unpaired loss"),
+        ({"sigmoid": 1.0, "nope": 1.0}, "'nope', which is not a known loss"),
+        ({"sigmoid": "heavy"}, "not a number"),
+        ("sigmoid", "must be a mapping"),
+    ],
+)
 def test_combine_bad_weights(weights, fragment):
     loss = {"name": "combine"} if weights is None else {"name": "combine", "weights": weights}
     with pytest.raises(PrefoptError, match="loss.weights") as e:
@@ -177,6 +189,7 @@ def test_modifier_validation():
 # (b) data of the wrong shape
 # --------------------------------------------------------------------------------------------
 
+
 def test_paired_loss_on_unpaired_data(tiny_dir, data_files, tmp_path):
     cfg = make_cfg(tiny_dir, data_files["unpaired"], tmp_path, {"name": "sigmoid"})
     with pytest.raises(PrefoptError, match=r"needs preference pairs \(prompt, chosen, rejected\)"):
@@ -192,6 +205,7 @@ def test_unpaired_loss_on_paired_data(tiny_dir, data_files, tmp_path):
 # --------------------------------------------------------------------------------------------
 # (c) LD-DPO and (d) WPO against a direct computation from the full logits
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def setup(tiny_dir, data_files):
@@ -232,13 +246,21 @@ def direct_sums(model, examples, prefix_only: bool) -> torch.Tensor:
 
 def trainer_for(cfg, setup, tmp_path, precompute: bool = True):
     tok, ref_model, policy, examples = setup
-    collator = train_mod.make_collator(cfg, tok)
+    collator = training_setup.make_collator(cfg, tok)
     examples = copy.deepcopy(examples)
     if precompute:
-        reference.precompute(ref_model, examples, collator, cache_dir=tmp_path / "refcache", batch_size=4,
-                             chunk=cfg.train.lm_head_chunk, autocast_dtype=None, progress=False)
+        reference.precompute(
+            ref_model,
+            examples,
+            collator,
+            cache_dir=tmp_path / "refcache",
+            batch_size=4,
+            chunk=cfg.train.lm_head_chunk,
+            autocast_dtype=None,
+            progress=False,
+        )
     spec = config.resolve_loss(cfg.loss)
-    trainer = train_mod.make_trainer(cfg, spec, policy, tok, collator, examples, [], bf16=False)
+    trainer = training_setup.make_trainer(cfg, spec, policy, tok, collator, examples, [], bf16=False)
     return trainer, collator(examples)
 
 
@@ -274,8 +296,7 @@ def test_ld_alpha_zero_uses_shared_prefix_sums(tiny_dir, data_files, setup, tmp_
 
 def test_ld_without_precompute_uses_reference_model(tiny_dir, data_files, setup, tmp_path):
     _, ref_model, policy, examples = setup
-    cfg = make_cfg(tiny_dir, data_files["paired"], tmp_path, {"name": "sigmoid", "ld_alpha": 0.0},
-                   lm_head_chunk=5)
+    cfg = make_cfg(tiny_dir, data_files["paired"], tmp_path, {"name": "sigmoid", "ld_alpha": 0.0}, lm_head_chunk=5)
     trainer, batch = trainer_for(cfg, setup, tmp_path, precompute=False)
     trainer.ref_model = ref_model
     with torch.no_grad():
@@ -312,7 +333,7 @@ def test_wpo_weights_match_full_logits(tiny_dir, data_files, setup, tmp_path):
 
 def test_sq_mass_only_when_asked(setup):
     tok, _, policy, examples = setup
-    collator = train_mod.Collator(tok.pad_token_id)
+    collator = Collator(tok.pad_token_id)
     batch = collator(examples)
     plain = sequence_logps(policy, batch, 5)
     assert set(plain) == {"logps", "lengths", "mean_logps"}  # the default path: nothing extra

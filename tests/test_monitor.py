@@ -12,14 +12,16 @@ from transformers import TrainerControl
 
 from prefopt import config
 from prefopt.errors import PrefoptError
-from prefopt.monitor import FailureMonitor
-from prefopt.train import train
+from prefopt.recipes.train import train
+from prefopt.training.monitor import FailureMonitor
 
 
 def feed(rows, **kw):
     mon, control = FailureMonitor(**kw), TrainerControl()
     for step, row in enumerate(rows, 1):
-        mon.on_log(None, SimpleNamespace(global_step=step, is_world_process_zero=True), control, logs={"loss": 0.5, **row})
+        mon.on_log(
+            None, SimpleNamespace(global_step=step, is_world_process_zero=True), control, logs={"loss": 0.5, **row}
+        )
     return mon, control
 
 
@@ -69,18 +71,35 @@ def test_non_finite_stops(key):
 # ---------------------------------------------------------------------------------------------
 # provoked for real on the tiny model
 
-PAIRS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" {2 * i}.",
-          "rejected": f" I do not know, maybe {i + 1} or so."} for i in range(8)]
+PAIRS = [
+    {
+        "prompt": f"Question {i}: what is {i} plus {i}?",
+        "chosen": f" {2 * i}.",
+        "rejected": f" I do not know, maybe {i + 1} or so.",
+    }
+    for i in range(8)
+]
 
 
 def cfg_for(tiny_dir, tmp_path, **train_kw):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
-    return config.from_dict({
-        "model": {"name": tiny_dir}, "data": {"train": str(path), "max_length": 64, "max_prompt_length": 32},
-        "reference": {"cache_dir": str(tmp_path / "ref")},
-        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 8, "batch_size": 2, "warmup_ratio": 0.0,
-                  "progress": False, "bf16": False, **train_kw}})
+    return config.from_dict(
+        {
+            "model": {"name": tiny_dir},
+            "data": {"train": str(path), "max_length": 64, "max_prompt_length": 32},
+            "reference": {"cache_dir": str(tmp_path / "ref")},
+            "train": {
+                "output_dir": str(tmp_path / "out"),
+                "max_steps": 8,
+                "batch_size": 2,
+                "warmup_ratio": 0.0,
+                "progress": False,
+                "bf16": False,
+                **train_kw,
+            },
+        }
+    )
 
 
 def test_policy_that_does_not_move_is_reported(tiny_dir, tmp_path, caplog):

@@ -11,7 +11,7 @@ import pytest
 
 from prefopt import cli
 from prefopt.errors import PrefoptError
-from prefopt.report import read_metrics, write_report
+from prefopt.evaluation.report import read_metrics, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CONFIG = """\
@@ -26,12 +26,25 @@ train: {epochs: 3.0, max_steps: -1, batch_size: 4, grad_accum: 2, lr: 5.0e-06}
 
 def paired_line(step: int, loss: float) -> dict:
     margin = 0.02 * step
-    return {"step": step, "loss": loss, "grad_norm": 1.5 + 0.1 * math.sin(step), "learning_rate": 5e-6 * step / 30,
-            "rewards/chosen": 0.01 * step, "rewards/rejected": 0.01 * step - margin, "rewards/margins": margin,
-            "rewards/accuracies": min(1.0, 0.5 + step / 60), "logps/chosen": -100.0 - 0.1 * step,
-            "logps/rejected": -110.0 - 0.5 * step, "logps/ref_chosen": -100.0, "logps/ref_rejected": -110.0,
-            "lengths/chosen": 32.0, "lengths/rejected": 30.0, "rewards/length_corr": 0.1,
-            "throughput/tokens_per_s": 850.0 + 10 * math.cos(step), "epoch": step / 10}
+    return {
+        "step": step,
+        "loss": loss,
+        "grad_norm": 1.5 + 0.1 * math.sin(step),
+        "learning_rate": 5e-6 * step / 30,
+        "rewards/chosen": 0.01 * step,
+        "rewards/rejected": 0.01 * step - margin,
+        "rewards/margins": margin,
+        "rewards/accuracies": min(1.0, 0.5 + step / 60),
+        "logps/chosen": -100.0 - 0.1 * step,
+        "logps/rejected": -110.0 - 0.5 * step,
+        "logps/ref_chosen": -100.0,
+        "logps/ref_rejected": -110.0,
+        "lengths/chosen": 32.0,
+        "lengths/rejected": 30.0,
+        "rewards/length_corr": 0.1,
+        "throughput/tokens_per_s": 850.0 + 10 * math.cos(step),
+        "epoch": step / 10,
+    }
 
 
 def paired_lines() -> list:
@@ -42,10 +55,19 @@ def paired_lines() -> list:
     lines += [paired_line(s, 0.6931 - 0.008 * (s - 1)) for s in range(16, 31)]
     lines.insert(-1, paired_line(30, 4.321))
     for s in (10, 20, 30):
-        lines.append({"step": s, "eval_loss": 0.69 - 0.005 * s, "eval_rewards/accuracies": 0.5 + s / 100,
-                      "eval_rewards/margins": 0.01 * s, "eval_runtime": 1.2, "epoch": s / 10})
-    lines.append({"step": 30, "train_runtime": 125.4, "train_samples_per_second": 1.9, "train_loss": 0.58,
-                  "epoch": 3.0})
+        lines.append(
+            {
+                "step": s,
+                "eval_loss": 0.69 - 0.005 * s,
+                "eval_rewards/accuracies": 0.5 + s / 100,
+                "eval_rewards/margins": 0.01 * s,
+                "eval_runtime": 1.2,
+                "epoch": s / 10,
+            }
+        )
+    lines.append(
+        {"step": 30, "train_runtime": 125.4, "train_samples_per_second": 1.9, "train_loss": 0.58, "epoch": 3.0}
+    )
     return lines
 
 
@@ -80,13 +102,30 @@ def test_paired_report(paired_run):
     index = write_report(paired_run)
     assert index == paired_run / "report" / "index.html"
     html = assert_valid_pngs(index)
-    assert set(pngs_of(index)) == {"loss.png", "accuracy.png", "margins.png", "logps.png", "rewards.png",
-                                   "rewards_hist.png", "learning_rate.png", "grad_norm.png", "throughput.png"}
+    assert set(pngs_of(index)) == {
+        "loss.png",
+        "accuracy.png",
+        "margins.png",
+        "logps.png",
+        "rewards.png",
+        "rewards_hist.png",
+        "learning_rate.png",
+        "grad_norm.png",
+        "throughput.png",
+    }
     assert "0.6931" in html  # first loss
     assert "0.4611" in html  # last loss: the second step-30 line (0.6931 - 0.008 * 29), not 4.321
     assert "4.321" not in html
-    for text in ("HuggingFaceTB/SmolLM2-135M-Instruct", "sigmoid", "0.1", "r=8", "3.0 epochs",
-                 "2m 05s", "final eval loss", "suppression failure mode"):
+    for text in (
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "sigmoid",
+        "0.1",
+        "r=8",
+        "3.0 epochs",
+        "2m 05s",
+        "final eval loss",
+        "suppression failure mode",
+    ):
         assert text in html, text
     assert str(paired_run.resolve()) in html
     assert "http" not in html and "<script" not in html  # self-contained
@@ -108,9 +147,18 @@ def test_dest_overrides_folder(paired_run, tmp_path):
 def test_unpaired_run(tmp_path):
     lines = []
     for s in range(1, 31):
-        line = {"step": s, "loss": 0.5 - 0.005 * s, "grad_norm": 1.0, "learning_rate": 1e-6,
-                "rewards/desirable": 0.01 * s, "rewards/undesirable": -0.01 * s, "logps/desirable": -80.0,
-                "logps/undesirable": -90.0 - 0.1 * s, "kl": 0.001 * s, "rewards/accuracies": 0.6}
+        line = {
+            "step": s,
+            "loss": 0.5 - 0.005 * s,
+            "grad_norm": 1.0,
+            "learning_rate": 1e-6,
+            "rewards/desirable": 0.01 * s,
+            "rewards/undesirable": -0.01 * s,
+            "logps/desirable": -80.0,
+            "logps/undesirable": -90.0 - 0.1 * s,
+            "kl": 0.001 * s,
+            "rewards/accuracies": 0.6,
+        }
         if s % 7 == 0:  # a batch without undesirable examples
             del line["rewards/undesirable"], line["logps/undesirable"]
         lines.append(line)
@@ -121,8 +169,9 @@ def test_unpaired_run(tmp_path):
     assert not names & {"margins.png", "logps.png", "rewards.png", "rewards_hist.png", "throughput.png"}
 
 
-@pytest.mark.parametrize("content, message", [(None, "metrics.jsonl not found"), ("", "is empty"),
-                                              ("\n\n", "is empty")])
+@pytest.mark.parametrize(
+    "content, message", [(None, "metrics.jsonl not found"), ("", "is empty"), ("\n\n", "is empty")]
+)
 def test_missing_or_empty_metrics(tmp_path, content, message):
     if content is not None:
         (tmp_path / "metrics.jsonl").write_text(content)

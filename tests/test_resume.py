@@ -18,15 +18,16 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from prefopt import checkpoints, config
-from prefopt.train import train
+from prefopt import config
+from prefopt.recipes.train import train
+from prefopt.training import checkpoints
 
 # Runs prefopt's CLI; DIE_AT_SAVE_STEP kills the process in the middle of writing that step's
 # checkpoint (model and optimizer written, RNG state and trainer_state.json not yet);
 # DIE_BEFORE_FINAL_SAVE kills it after the last checkpoint, before the final model is written.
 RUNNER = """
 import os, signal, sys
-import prefopt.train
+import prefopt.recipes.train
 from transformers import Trainer
 
 die_at = int(os.environ.get("DIE_AT_SAVE_STEP", "-1"))
@@ -37,7 +38,7 @@ def dying(self, output_dir):
     return original(self, output_dir)
 Trainer._save_rng_state = dying
 if os.environ.get("DIE_BEFORE_FINAL_SAVE"):
-    prefopt.train._save_final = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+    prefopt.recipes.train._save_final = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
 
 from prefopt.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -45,8 +46,14 @@ sys.exit(main(sys.argv[1:]))
 
 
 def pairs(n):
-    return [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" {2 * i}.",
-             "rejected": f" I do not know, maybe {i + 1} or so."} for i in range(n)]
+    return [
+        {
+            "prompt": f"Question {i}: what is {i} plus {i}?",
+            "chosen": f" {2 * i}.",
+            "rejected": f" I do not know, maybe {i + 1} or so.",
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture()
@@ -58,8 +65,17 @@ def setup(tmp_path, tiny_dir):
         "data": {"train": str(data), "max_length": 64, "max_prompt_length": 32},
         "reference": {"cache_dir": str(tmp_path / "ref-cache")},
         # 8 steps per epoch; 1.5 epochs: the kills also land in the second epoch
-        "train": {"epochs": 1.5, "batch_size": 2, "lr": 1e-2, "warmup_ratio": 0.0, "progress": False,
-                  "seed": 0, "bf16": False, "save_steps": 2, "save_total_limit": 2},
+        "train": {
+            "epochs": 1.5,
+            "batch_size": 2,
+            "lr": 1e-2,
+            "warmup_ratio": 0.0,
+            "progress": False,
+            "seed": 0,
+            "bf16": False,
+            "save_steps": 2,
+            "save_total_limit": 2,
+        },
     }
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
@@ -76,8 +92,9 @@ def write_config(tmp_path, raw, out, **train_keys) -> Path:
 
 def launch(runner, cfg_path, resume, env=None, log=None):
     args = [sys.executable, str(runner), "train", str(cfg_path)] + (["--resume"] if resume else [])
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL, env={**os.environ, **(env or {})}
+    )
 
 
 def logged_steps(out: Path) -> list[int]:

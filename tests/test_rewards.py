@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from prefopt import rewards
 from prefopt.errors import PrefoptError
+from prefopt.evaluation import rewards
 
 P = ["x", "x", "x"]
 
@@ -20,9 +20,11 @@ def test_builtins_and_rules():
 
 def test_user_function_from_a_file_and_a_module(tmp_path, monkeypatch):
     f = tmp_path / "my_reward.py"
-    f.write_text("def exclaim(prompts, responses):\n    return [r.count('!') for r in responses]\n"
-                 "def broken(prompts, responses):\n    return [1.0]\n"
-                 "def nan(prompts, responses):\n    return [float('nan')] * len(responses)\n")
+    f.write_text(
+        "def exclaim(prompts, responses):\n    return [r.count('!') for r in responses]\n"
+        "def broken(prompts, responses):\n    return [1.0]\n"
+        "def nan(prompts, responses):\n    return [float('nan')] * len(responses)\n"
+    )
     assert rewards.get(f"{f}:exclaim")(P, ["a!", "b!!", "c"]) == [1.0, 2.0, 0.0]
     monkeypatch.syspath_prepend(str(tmp_path))
     assert rewards.get("my_reward:exclaim")(P, ["!", "", "!!!"]) == [1.0, 0.0, 3.0]
@@ -32,14 +34,17 @@ def test_user_function_from_a_file_and_a_module(tmp_path, monkeypatch):
         rewards.get("my_reward:nan")(P, ["a", "b", "c"])
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("sentiment", "unknown; built-ins are vader, length"),
-    ("regex:(", "not a valid regular expression"),
-    ("keywords:", "give the words"),
-    ("no_such_module_xyz:f", "cannot import"),
-    ("prefopt.rewards:absent", "has no function 'absent'"),
-    ("/nonexistent/r.py:f", "not found"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("sentiment", "unknown; built-ins are vader, length"),
+        ("regex:(", "not a valid regular expression"),
+        ("keywords:", "give the words"),
+        ("no_such_module_xyz:f", "cannot import"),
+        ("prefopt.evaluation.rewards:absent", "has no function 'absent'"),
+        ("/nonexistent/r.py:f", "not found"),
+    ],
+)
 def test_bad_reward_names_are_clear_errors(spec, message):
     with pytest.raises(PrefoptError, match=message):
         rewards.get(spec)

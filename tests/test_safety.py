@@ -18,8 +18,11 @@ from prefopt.cli import main
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_training_writes_only_output_and_cache_offline(tmp_path, tiny_dir):
@@ -28,25 +31,50 @@ def test_training_writes_only_output_and_cache_offline(tmp_path, tiny_dir):
     (world / "cwd").mkdir()
     (world / "data").mkdir()
     data = world / "data" / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": f" {i}.", "rejected": f" not {i}."}) + "\n"
-                            for i in range(8)))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"Q{i}?", "chosen": f" {i}.", "rejected": f" not {i}."}) + "\n" for i in range(8))
+    )
     import shutil
 
     shutil.copytree(tiny_dir, world / "model")
     cfg = world / "cwd" / "run.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": {"name": str(world / "model")}, "data": {"train": str(data), "max_length": 32,
-                                                          "max_prompt_length": 16},
-        "lora": {"enabled": True, "r": 4, "merge": True},
-        "train": {"output_dir": str(world / "out"), "max_steps": 2, "batch_size": 2, "save_steps": 1,
-                  "progress": False, "bf16": False}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": str(world / "model")},
+                "data": {"train": str(data), "max_length": 32, "max_prompt_length": 16},
+                "lora": {"enabled": True, "r": 4, "merge": True},
+                "train": {
+                    "output_dir": str(world / "out"),
+                    "max_steps": 2,
+                    "batch_size": 2,
+                    "save_steps": 1,
+                    "progress": False,
+                    "bf16": False,
+                },
+            }
+        )
+    )
     before = snapshot(world)
-    env = {**os.environ, "HOME": str(world / "home"), "PREFOPT_CACHE": str(world / "cache"),
-           "HF_HOME": str(world / "home" / "hf"), "XDG_CACHE_HOME": str(world / "home" / "xdg"),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TMPDIR": str(world / "tmp")}
+    env = {
+        **os.environ,
+        "HOME": str(world / "home"),
+        "PREFOPT_CACHE": str(world / "cache"),
+        "HF_HOME": str(world / "home" / "hf"),
+        "XDG_CACHE_HOME": str(world / "home" / "xdg"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TMPDIR": str(world / "tmp"),
+    }
     (world / "tmp").mkdir()
-    res = subprocess.run([sys.executable, "-m", "prefopt", "train", str(cfg)], cwd=world / "cwd", env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "prefopt", "train", str(cfg)],
+        cwd=world / "cwd",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     after = snapshot(world)
     changed = {p for p in after if before.get(p) != after[p]}
@@ -73,8 +101,9 @@ def test_pickled_weights_are_refused(tmp_path, tiny_dir, capsys):
         (folder / f.name).write_bytes(f.read_bytes())
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "Q?", "chosen": " yes.", "rejected": " no."}) + "\n")
-    code = main(["train", "--model.name", str(folder), "--data.train", str(data),
-                 "--train.output_dir", str(tmp_path / "out")])
+    code = main(
+        ["train", "--model.name", str(folder), "--data.train", str(data), "--train.output_dir", str(tmp_path / "out")]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "pickled" in err and str(folder) in err, err
@@ -82,17 +111,30 @@ def test_pickled_weights_are_refused(tmp_path, tiny_dir, capsys):
 
 def test_report_to_tensorboard_writes_event_files(tmp_path, tiny_dir):
     from prefopt import config
-    from prefopt.train import train
+    from prefopt.recipes.train import train
 
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": f" {i}.", "rejected": f" not {i}."}) + "\n"
-                            for i in range(4)))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"Q{i}?", "chosen": f" {i}.", "rejected": f" not {i}."}) + "\n" for i in range(4))
+    )
     out = tmp_path / "out"
-    train(config.from_dict({"model": {"name": tiny_dir}, "data": {"train": str(data), "max_length": 32,
-                                                                  "max_prompt_length": 16},
-                            "reference": {"cache_dir": str(tmp_path / "ref")},
-                            "train": {"output_dir": str(out), "max_steps": 2, "batch_size": 2, "progress": False,
-                                      "report_to": "tensorboard", "bf16": False}}))
+    train(
+        config.from_dict(
+            {
+                "model": {"name": tiny_dir},
+                "data": {"train": str(data), "max_length": 32, "max_prompt_length": 16},
+                "reference": {"cache_dir": str(tmp_path / "ref")},
+                "train": {
+                    "output_dir": str(out),
+                    "max_steps": 2,
+                    "batch_size": 2,
+                    "progress": False,
+                    "report_to": "tensorboard",
+                    "bf16": False,
+                },
+            }
+        )
+    )
     events = list(out.rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
     assert (out / "metrics.jsonl").exists()  # the JSONL log is always written

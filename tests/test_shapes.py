@@ -10,9 +10,9 @@ import json
 import pytest
 
 from prefopt import config
-from prefopt.data.formats import Options, Pair, load, load_pairs
+from prefopt.data.formats import SHAPES, Options, Pair, is_paired, load, load_pairs, options_from, recognise
 from prefopt.data.tokenize import PairTokenizer
-from prefopt.train import train
+from prefopt.recipes.train import train
 
 U, A = "user", "assistant"
 
@@ -69,14 +69,21 @@ def test_sharegpt_multi_turn_becomes_messages(shared_data):
 @pytest.mark.parametrize("name", list(SHARED))
 def test_shared_files_train_two_steps(shared_data, tiny_dir, tmp_path, name):
     _, _, loss = SHARED[name]
-    cfg = config.from_dict({
-        "model": {"name": tiny_dir},
-        "data": {"train": str(shared_data / name), "limit": 8, "max_length": 128, "max_prompt_length": 64},
-        "loss": {"name": loss},
-        "reference": {"cache_dir": str(tmp_path / "ref")},
-        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "batch_size": 4, "lr": 1e-3,
-                  "progress": False},
-    })
+    cfg = config.from_dict(
+        {
+            "model": {"name": tiny_dir},
+            "data": {"train": str(shared_data / name), "limit": 8, "max_length": 128, "max_prompt_length": 64},
+            "loss": {"name": loss},
+            "reference": {"cache_dir": str(tmp_path / "ref")},
+            "train": {
+                "output_dir": str(tmp_path / "out"),
+                "max_steps": 2,
+                "batch_size": 4,
+                "lr": 1e-3,
+                "progress": False,
+            },
+        }
+    )
     summary = train(cfg)
     assert summary["steps"] == 2 and summary["train_pairs"] == 8
     assert summary["first_loss"] == pytest.approx(0.6931, abs=1e-3) if loss == "sigmoid" else summary["first_loss"] > 0
@@ -86,9 +93,38 @@ def test_shared_files_train_two_steps(shared_data, tiny_dir, tmp_path, name):
 # Hand-made files of each shape
 
 
+@pytest.mark.parametrize(
+    "record, shape",
+    [
+        ({"prompt": "p", "chosen": "a", "rejected": "b"}, "standard"),
+        ({"prompt": [msg(U, "q")], "chosen": [msg(A, "a")], "rejected": [msg(A, "b")]}, "conversational"),
+        ({"prompt": "p", "chosen": [msg(A, "a")], "rejected": "b"}, "conversational"),  # decided by chosen
+        ({"chosen": "t1", "rejected": "t2"}, "implicit"),
+        # fields of several shapes: the earlier entry of the SHAPES table wins
+        ({"prompt": "p", "completion": "c", "label": True, "chosen": "a", "rejected": "b"}, "unpaired"),
+        ({"conversations": [], "label": True, "chosen": {}, "rejected": {}, "completions": []}, "unpaired"),
+        ({"conversations": [], "chosen": {}, "rejected": {}, "completions": []}, "sharegpt"),
+        ({"prompt": "p", "chosen": "a", "rejected": "b", "completions": []}, "ratings"),
+        ({"chosen": "a", "rejected": "b", "responses": [], "scores": []}, "ratings"),
+        ({"label": True, "prompt": "p", "chosen": "a", "rejected": "b"}, "standard"),  # a label alone: not unpaired
+        ({"responses": [], "prompt": "p", "chosen": "a", "rejected": "b"}, "standard"),  # responses need scores
+    ],
+)
+def test_recognition_follows_the_shapes_table(record, shape):
+    assert recognise(record, "r") == shape
+
+
+def test_shapes_table():
+    assert {"standard", "conversational", "implicit", "sharegpt", "unpaired", "ratings"} <= set(SHAPES)
+    assert not is_paired("unpaired") and is_paired("standard") and is_paired("ratings")
+    assert is_paired("unknown")  # no record was usable: reported as pairs, as before
+
+
 def test_implicit_conversations(tmp_path):
-    rec = {"chosen": [msg("system", "Be kind."), msg(U, "Hi"), msg(A, "Hello!"), msg(U, "Bye"), msg(A, "Bye, take care.")],
-           "rejected": [msg("system", "Be kind."), msg(U, "Hi"), msg(A, "Hello!"), msg(U, "Bye"), msg(A, "Whatever.")]}
+    rec = {
+        "chosen": [msg("system", "Be kind."), msg(U, "Hi"), msg(A, "Hello!"), msg(U, "Bye"), msg(A, "Bye, take care.")],
+        "rejected": [msg("system", "Be kind."), msg(U, "Hi"), msg(A, "Hello!"), msg(U, "Bye"), msg(A, "Whatever.")],
+    }
     pairs, shape = load_pairs(write(tmp_path / "d.jsonl", [rec]))
     assert shape == "implicit"
     assert pairs[0].prompt == rec["chosen"][:4]
@@ -102,14 +138,17 @@ def test_implicit_strings_where_responses_start_alike(tmp_path):
     assert (p.prompt, p.chosen, p.rejected) == (hh, " I can help with that.", " I can not.")
     # other turn markers by option
     rec = {"chosen": "### User: hi\n### Bot: hello", "rejected": "### User: hi\n### Bot: go"}
-    (p,), _ = load_pairs(write(tmp_path / "e.jsonl", [rec]),
-                         options=Options(assistant_marker="\n### Bot:", user_marker="\n### User:"))
+    (p,), _ = load_pairs(
+        write(tmp_path / "e.jsonl", [rec]), options=Options(assistant_marker="\n### Bot:", user_marker="\n### User:")
+    )
     assert (p.prompt, p.chosen, p.rejected) == ("### User: hi\n### Bot:", " hello", " go")
 
 
 def test_unpaired_shapes(tmp_path):
-    recs = [{"prompt": "p", "completion": " good", "label": True},
-            {"prompt": [msg(U, "q")], "completion": [msg(A, "bad")], "label": False}]
+    recs = [
+        {"prompt": "p", "completion": " good", "label": True},
+        {"prompt": [msg(U, "q")], "completion": [msg(A, "bad")], "label": False},
+    ]
     items, shape = load_pairs(write(tmp_path / "a.jsonl", recs))
     assert shape == "unpaired" and [i.label for i in items] == [True, False]
     assert items[1].prompt == [msg(U, "q")] and items[1].conversational
@@ -118,16 +157,34 @@ def test_unpaired_shapes(tmp_path):
     assert shape == "unpaired" and items[0].prompt == [msg(U, "q")] and items[0].completion == [msg(A, "a")]
 
 
-RATED = {"prompt": "Name a colour.", "completions": [
-    {"response": " Blue.", "score": 4}, {"response": " Red!", "score": 5}, {"response": " Seven.", "score": 1},
-    {"response": " Green.", "score": 4.5}]}
+RATED = {
+    "prompt": "Name a colour.",
+    "completions": [
+        {"response": " Blue.", "score": 4},
+        {"response": " Red!", "score": 5},
+        {"response": " Seven.", "score": 1},
+        {"response": " Green.", "score": 4.5},
+    ],
+}
 
 
-@pytest.mark.parametrize("rule,expected", [
-    ("best_vs_worst", [(" Red!", " Seven.")]),
-    ("all_pairs", [(" Red!", " Green."), (" Red!", " Blue."), (" Red!", " Seven."), (" Green.", " Blue."),
-                   (" Green.", " Seven."), (" Blue.", " Seven.")]),
-])
+@pytest.mark.parametrize(
+    "rule,expected",
+    [
+        ("best_vs_worst", [(" Red!", " Seven.")]),
+        (
+            "all_pairs",
+            [
+                (" Red!", " Green."),
+                (" Red!", " Blue."),
+                (" Red!", " Seven."),
+                (" Green.", " Blue."),
+                (" Green.", " Seven."),
+                (" Blue.", " Seven."),
+            ],
+        ),
+    ],
+)
 def test_ratings_rules(tmp_path, rule, expected):
     pairs, shape = load_pairs(write(tmp_path / "r.jsonl", [RATED]), options=Options(ratings_rule=rule))
     assert shape == "ratings"
@@ -138,13 +195,17 @@ def test_ratings_rules(tmp_path, rule, expected):
 def test_ratings_gap_random_and_ties(tmp_path):
     path = write(tmp_path / "r.jsonl", [RATED, {"prompt": "tie", "responses": [" a", " b"], "scores": [3, 3]}])
     gap = load(path, options=Options(ratings_rule="all_pairs", ratings_min_gap=1.0))
-    assert [(p.chosen, p.rejected) for p in gap.items] == [(" Red!", " Seven."), (" Green.", " Seven."),
-                                                           (" Blue.", " Seven.")]
+    assert [(p.chosen, p.rejected) for p in gap.items] == [
+        (" Red!", " Seven."),
+        (" Green.", " Seven."),
+        (" Blue.", " Seven."),
+    ]
     assert sum(gap.skipped.values()) == 1 and "line 2" in next(iter(gap.examples.values()))
     rnd = [load(path, options=Options(ratings_rule="best_vs_random", seed=s)).items[0].rejected for s in range(12)]
     assert set(rnd) == {" Blue.", " Seven.", " Green."}  # each lower-scored completion can be drawn
-    assert rnd == [load(path, options=Options(ratings_rule="best_vs_random", seed=s)).items[0].rejected
-                   for s in range(12)]  # and the draw is seeded
+    assert rnd == [
+        load(path, options=Options(ratings_rule="best_vs_random", seed=s)).items[0].rejected for s in range(12)
+    ]  # and the draw is seeded
 
 
 def test_ratings_with_conversational_prompt(tmp_path):
@@ -160,10 +221,16 @@ def test_csv_shapes(tmp_path):
         w.writerow(["prompt", "chosen", "rejected"])
         w.writerow(["Hi, there?", " Hello,\n friend.", ' "Go" away.'])
         w.writerow([json.dumps([msg(U, "q")]), json.dumps([msg(A, "a")]), json.dumps([msg(A, "b")])])
-    with pytest.raises(Exception, match="line 4.*conversational.*standard"):  # one shape per file (the quoted newline makes the 3rd row start on line 4)
+    with pytest.raises(
+        Exception, match="line 4.*conversational.*standard"
+    ):  # one shape per file (the quoted newline makes the 3rd row start on line 4)
         load_pairs(str(path))
     (p,), shape = load_pairs(str(path), limit=1)
-    assert shape == "standard" and (p.prompt, p.chosen, p.rejected) == ("Hi, there?", " Hello,\n friend.", ' "Go" away.')
+    assert shape == "standard" and (p.prompt, p.chosen, p.rejected) == (
+        "Hi, there?",
+        " Hello,\n friend.",
+        ' "Go" away.',
+    )
     conv = tmp_path / "c.csv"
     with open(conv, "w", newline="") as f:
         w = csv.writer(f)
@@ -179,18 +246,24 @@ def test_csv_shapes(tmp_path):
 
 def test_field_remapping_from_config(tmp_path):
     path = write(tmp_path / "d.jsonl", [{"instruction": "q", "response_j": " a", "response_k": " b"}])
-    cfg = config.from_dict({"data": {"train": path, "fields": {"prompt": "instruction", "chosen": "response_j",
-                                                                  "rejected": "response_k"}}})
-    from prefopt.data.formats import options_from
-
+    cfg = config.from_dict(
+        {"data": {"train": path, "fields": {"prompt": "instruction", "chosen": "response_j", "rejected": "response_k"}}}
+    )
     (p,), _ = load_pairs(path, options=options_from(cfg.data))
     assert p == Pair("q", " a", " b", f"{path} line 1")
 
 
 def test_sharegpt_tokenizes_with_template_and_one_end_of_turn(tmp_path, smol_tokenizer):
-    rec = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
-                             {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Colour?"}],
-           "chosen": {"from": "gpt", "value": "Blue."}, "rejected": {"from": "gpt", "value": "Seven."}}
+    rec = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello."},
+            {"from": "human", "value": "Colour?"},
+        ],
+        "chosen": {"from": "gpt", "value": "Blue."},
+        "rejected": {"from": "gpt", "value": "Seven."},
+    }
     (p,), _ = load_pairs(write(tmp_path / "s.jsonl", [rec]))
     ex = PairTokenizer(smol_tokenizer)(p)
     tok = smol_tokenizer

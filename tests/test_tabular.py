@@ -63,6 +63,7 @@ def _setup_and_table():
 # the problem
 # --------------------------------------------------------------------------------------------
 
+
 def t(x):
     return torch.tensor(x, dtype=DT)
 
@@ -127,16 +128,25 @@ def paired_population(spec, p=None, mu=PREF, replicate=False, **kw):
             lp = torch.log_softmax(theta, 0)
             return spec.fn(lp[a], lp[b], LREF[a], LREF[b], len_c=ones, len_r=ones, **kw).mean()
     else:
+
         def loss(theta):
             lp = torch.log_softmax(theta, 0)
             return (w * spec.fn(lp[YW], lp[YL], LREF[YW], LREF[YL], len_c=ONES, len_r=ONES, **kw)).sum()
+
     return loss
 
 
 def lbfgs(loss, init=None, iters=500):
     theta = (LREF if init is None else init).clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([theta], lr=1, max_iter=iters, history_size=50, tolerance_grad=1e-12,
-                            tolerance_change=1e-15, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [theta],
+        lr=1,
+        max_iter=iters,
+        history_size=50,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -185,6 +195,7 @@ def fmt(pi):
 # closed forms
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["sigmoid", "sigmoid_norm", "robust", "rpo"])
 def test_dpo_reaches_closed_form(name):
     spec = losses.get(name)
@@ -213,8 +224,7 @@ def test_ipo_reaches_closed_form(mu_name):
     target = torch.softmax(LREF + win_rate(p, mu) / BETA, 0)
     d = kl(target, pi)
     if mu_name == "pi_ref":
-        ROWS.append(("ipo", f"{kl(PI_STAR, pi):.3f}",
-                     f"reaches π_ref·exp(p(y≻μ)/β)/Z, KL {d:.1e}; {fmt(pi)}"))
+        ROWS.append(("ipo", f"{kl(PI_STAR, pi):.3f}", f"reaches π_ref·exp(p(y≻μ)/β)/Z, KL {d:.1e}; {fmt(pi)}"))
     assert d < 1e-3, d
     assert d < 1e-9
 
@@ -223,8 +233,13 @@ def test_reference_free_dpo_closed_form():
     pi = lbfgs(paired_population(losses.get("sigmoid_ref_free"), beta=BETA))
     target = torch.softmax(REW / BETA, 0)
     d = kl(target, pi)
-    ROWS.append(("sigmoid_ref_free", f"{kl(PI_STAR, pi):.3f}",
-                 f"reaches softmax(r/β), KL {d:.1e}; best {PI_REF[BEST]:.2f}→{pi[BEST]:.3f}"))
+    ROWS.append(
+        (
+            "sigmoid_ref_free",
+            f"{kl(PI_STAR, pi):.3f}",
+            f"reaches softmax(r/β), KL {d:.1e}; best {PI_REF[BEST]:.2f}→{pi[BEST]:.3f}",
+        )
+    )
     assert d < 1e-9
 
 
@@ -270,6 +285,7 @@ def test_f_dpo_reaches_closed_form(divergence, alpha):
 # label noise: rDPO is unbiased, DPO and cDPO are not
 # --------------------------------------------------------------------------------------------
 
+
 def test_label_noise_rdpo_vs_dpo_vs_cdpo():
     p = noisy(bt(), NOISE)
     pi_r = lbfgs(paired_population(losses.get("robust"), p=p, beta=BETA, label_smoothing=NOISE))
@@ -290,17 +306,27 @@ def test_label_noise_rdpo_vs_dpo_vs_cdpo():
 # unanimous preferences: DPO's gap diverges, IPO's settles
 # --------------------------------------------------------------------------------------------
 
+
 def test_unanimous_dpo_diverges_ipo_settles():
     p = unanimous()
     steps = (1000, 2000, 4000)
     dpo = gd_gaps(paired_population(losses.get("sigmoid"), p=p, beta=BETA), lr=1.0, checkpoints=steps)
-    ipo = gd_gaps(paired_population(losses.get("ipo"), p=p, beta=BETA, ipo_normalize=False), lr=1.0,
-                  checkpoints=steps)
+    ipo = gd_gaps(paired_population(losses.get("ipo"), p=p, beta=BETA, ipo_normalize=False), lr=1.0, checkpoints=steps)
     target = float((win_rate(p)[BEST] - win_rate(p)[WORST]) / BETA)
-    ROWS.append(("sigmoid unanimous, gap g(best)−g(worst)", "-",
-                 "GD 1k/2k/4k steps: " + " / ".join(f"{g:.2f}" for g in dpo) + " (keeps growing)"))
-    ROWS.append(("ipo unanimous, gap g(best)−g(worst)", "-",
-                 "GD 1k/2k/4k steps: " + " / ".join(f"{g:.4f}" for g in ipo) + f" (target {target:.4f})"))
+    ROWS.append(
+        (
+            "sigmoid unanimous, gap g(best)−g(worst)",
+            "-",
+            "GD 1k/2k/4k steps: " + " / ".join(f"{g:.2f}" for g in dpo) + " (keeps growing)",
+        )
+    )
+    ROWS.append(
+        (
+            "ipo unanimous, gap g(best)−g(worst)",
+            "-",
+            "GD 1k/2k/4k steps: " + " / ".join(f"{g:.4f}" for g in ipo) + f" (target {target:.4f})",
+        )
+    )
     # DPO: the gap keeps growing by a clear amount at every doubling of the number of steps
     assert dpo[1] - dpo[0] > 1.0 and dpo[2] - dpo[1] > 1.0
     assert dpo[2] > 10 * target
@@ -327,8 +353,13 @@ def _population(name):
 @pytest.mark.parametrize("name", DIRECTION)
 def test_direction(name):
     pi = lbfgs(_population(name))
-    ROWS.append((name, f"{kl(PI_STAR, pi):.3f}",
-                 f"best {PI_REF[BEST]:.2f}→{pi[BEST]:.3f}, worst {PI_REF[WORST]:.2f}→{pi[WORST]:.3f}"))
+    ROWS.append(
+        (
+            name,
+            f"{kl(PI_STAR, pi):.3f}",
+            f"best {PI_REF[BEST]:.2f}→{pi[BEST]:.3f}, worst {PI_REF[WORST]:.2f}→{pi[WORST]:.3f}",
+        )
+    )
     if name == "sft":
         # NLL on the chosen response is maximum likelihood on the winners: π = their marginal
         assert kl(_chosen_marginal(), pi) < 1e-9
@@ -354,9 +385,14 @@ def test_collapse_on_most_chosen(name):
     spread = torch.zeros(K, dtype=DT)
     for rank, i in enumerate(sorted(range(K), key=lambda i: -R[i])):
         spread[i] = -100.0 * rank
-    ROWS.append((name, f"{kl(PI_STAR, pi):.1f}",
-                 f"collapses on most-chosen y={most_chosen} (π={pi[most_chosen]:.3f}), best→{pi[BEST]:.1e}; "
-                 f"loss {float(loss(torch.log(pi))):.3f} vs {float(loss(spread)):.3f} at reward-ordered spread"))
+    ROWS.append(
+        (
+            name,
+            f"{kl(PI_STAR, pi):.1f}",
+            f"collapses on most-chosen y={most_chosen} (π={pi[most_chosen]:.3f}), best→{pi[BEST]:.1e}; "
+            f"loss {float(loss(torch.log(pi))):.3f} vs {float(loss(spread)):.3f} at reward-ordered spread",
+        )
+    )
     assert most_chosen != BEST
     assert pi[most_chosen] > 0.99 and pi[WORST] < 1e-6
     assert float(loss(spread)) < float(loss(torch.log(pi))) - 0.01
@@ -374,12 +410,22 @@ def test_discopop_wrong_way_from_reference():
     loss = _population("discopop")
     pi_ref_start = lbfgs(loss)
     pi_dpo_start = lbfgs(loss, init=PI_STAR.log())
-    ROWS.append(("discopop (from π_ref)", f"{kl(PI_STAR, pi_ref_start):.3f}",
-                 f"WRONG WAY: best {PI_REF[BEST]:.2f}→{pi_ref_start[BEST]:.3f}, "
-                 f"worst {PI_REF[WORST]:.2f}→{pi_ref_start[WORST]:.3f} (local min)"))
-    ROWS.append(("discopop (from π*_DPO)", f"{kl(PI_STAR, pi_dpo_start):.3f}",
-                 f"best→{pi_dpo_start[BEST]:.3f}, worst→{pi_dpo_start[WORST]:.3f}, "
-                 f"loss {float(loss(pi_dpo_start.log())):.3f} < {float(loss(pi_ref_start.log())):.3f}"))
+    ROWS.append(
+        (
+            "discopop (from π_ref)",
+            f"{kl(PI_STAR, pi_ref_start):.3f}",
+            f"WRONG WAY: best {PI_REF[BEST]:.2f}→{pi_ref_start[BEST]:.3f}, "
+            f"worst {PI_REF[WORST]:.2f}→{pi_ref_start[WORST]:.3f} (local min)",
+        )
+    )
+    ROWS.append(
+        (
+            "discopop (from π*_DPO)",
+            f"{kl(PI_STAR, pi_dpo_start):.3f}",
+            f"best→{pi_dpo_start[BEST]:.3f}, worst→{pi_dpo_start[WORST]:.3f}, "
+            f"loss {float(loss(pi_dpo_start.log())):.3f} < {float(loss(pi_ref_start.log())):.3f}",
+        )
+    )
     assert pi_ref_start[BEST] < PREF[BEST] and pi_ref_start[WORST] > PREF[WORST]
     assert pi_dpo_start[BEST] > PREF[BEST] and pi_dpo_start[WORST] < PREF[WORST]
     assert float(loss(pi_dpo_start.log())) < float(loss(pi_ref_start.log())) - 0.1
@@ -388,6 +434,7 @@ def test_discopop_wrong_way_from_reference():
 # --------------------------------------------------------------------------------------------
 # unpaired: desirable = the top-2 responses by reward
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", losses.names(paired=False))
 def test_unpaired_direction(name):
@@ -404,9 +451,14 @@ def test_unpaired_direction(name):
         return spec.fn(lp[ys], LREF[ys], label, kl_logp=lp[ys], kl_ref_logp=LREF[ys], **kw).mean()
 
     pi = lbfgs(loss)
-    ROWS.append((name, f"{kl(PI_STAR, pi):.3f}",
-                 f"desirable mass {float(PREF[top].sum()):.2f}→{float(pi[top].sum()):.3f}, "
-                 f"best {PI_REF[BEST]:.2f}→{pi[BEST]:.3f}, worst {PI_REF[WORST]:.2f}→{pi[WORST]:.3f}"))
+    ROWS.append(
+        (
+            name,
+            f"{kl(PI_STAR, pi):.3f}",
+            f"desirable mass {float(PREF[top].sum()):.2f}→{float(pi[top].sum()):.3f}, "
+            f"best {PI_REF[BEST]:.2f}→{pi[BEST]:.3f}, worst {PI_REF[WORST]:.2f}→{pi[WORST]:.3f}",
+        )
+    )
     assert float(pi[top].sum()) > 0.99  # the undesirable responses are driven out
     assert pi[WORST] < PREF[WORST] - 0.01
     if name == "bco":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from prefopt.data.formats import Pair
+from prefopt.data.formats import Pair, load_pairs
 from prefopt.data.tokenize import PairTokenizer, tokenize_pairs
 from prefopt.errors import PrefoptError
 
@@ -19,8 +19,11 @@ def _ids(tok, text):
 
 
 STANDARD = [
-    ("\n\nHuman: How do I boil an egg?\n\nAssistant:", " Put it in boiling water for nine minutes.",
-     " Eggs are laid by hens."),
+    (
+        "\n\nHuman: How do I boil an egg?\n\nAssistant:",
+        " Put it in boiling water for nine minutes.",
+        " Eggs are laid by hens.",
+    ),
     ("Translate to French: cat", " chat", " Le chien est dans le jardin, je crois."),
     ("Q: 2+2=?\nA:", " 4", " 5\n\nsome trailing text with  double  spaces and ünïcödé ✓"),
 ]
@@ -55,20 +58,25 @@ CONVERSATIONS = [
         [{"role": "user", "content": "What is 2+2?"}],
         [{"role": "assistant", "content": "4."}],
         [{"role": "assistant", "content": "Probably 5, but let me think about it more."}],
-        id="single-turn"),
+        id="single-turn",
+    ),
     pytest.param(
         [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fruit."}],
         [{"role": "assistant", "content": "Apple."}],
         [{"role": "assistant", "content": "There are many fruits\nsuch as apples,\n\nand pears."}],
-        id="system"),
+        id="system",
+    ),
     pytest.param(
-        [{"role": "system", "content": "Be kind."},
-         {"role": "user", "content": "Hi!"},
-         {"role": "assistant", "content": "Hello, how can I help?"},
-         {"role": "user", "content": "Tell me a joke."}],
+        [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello, how can I help?"},
+            {"role": "user", "content": "Tell me a joke."},
+        ],
         [{"role": "assistant", "content": "Why did the chicken cross the road? To get to the other side."}],
         [{"role": "assistant", "content": "No."}],
-        id="multi-turn"),
+        id="multi-turn",
+    ),
 ]
 
 
@@ -93,17 +101,28 @@ def test_conversational(tok, prompt, chosen, rejected):
 def test_chat_template_always_wraps_strings(tok):
     pt = PairTokenizer(tok, chat_template="always")
     ex = pt(Pair("What is 2+2?", "4.", "5.", "test"))
-    conv = PairTokenizer(tok)(Pair([{"role": "user", "content": "What is 2+2?"}],
-                                   [{"role": "assistant", "content": "4."}],
-                                   [{"role": "assistant", "content": "5."}], "test"))
+    conv = PairTokenizer(tok)(
+        Pair(
+            [{"role": "user", "content": "What is 2+2?"}],
+            [{"role": "assistant", "content": "4."}],
+            [{"role": "assistant", "content": "5."}],
+            "test",
+        )
+    )
     assert ex == conv
 
 
 def test_chat_template_never_refuses_conversational(tok):
     pt = PairTokenizer(tok, chat_template="never")
     with pytest.raises(PrefoptError, match="my.jsonl line 4"):
-        pt(Pair([{"role": "user", "content": "x"}], [{"role": "assistant", "content": "a"}],
-                [{"role": "assistant", "content": "b"}], "my.jsonl line 4"))
+        pt(
+            Pair(
+                [{"role": "user", "content": "x"}],
+                [{"role": "assistant", "content": "a"}],
+                [{"role": "assistant", "content": "b"}],
+                "my.jsonl line 4",
+            )
+        )
 
 
 def test_empty_prompt_is_an_error_naming_the_record(tok):
@@ -115,8 +134,14 @@ def test_empty_prompt_is_an_error_naming_the_record(tok):
 def test_empty_conversational_response_is_an_error(tok):
     pt = PairTokenizer(tok)
     with pytest.raises(PrefoptError, match=r"f\.jsonl line 2, field 'rejected'.*empty"):
-        pt(Pair([{"role": "user", "content": "x"}], [{"role": "assistant", "content": "a"}],
-                [{"role": "assistant", "content": ""}], "f.jsonl line 2"))
+        pt(
+            Pair(
+                [{"role": "user", "content": "x"}],
+                [{"role": "assistant", "content": "a"}],
+                [{"role": "assistant", "content": ""}],
+                "f.jsonl line 2",
+            )
+        )
 
 
 def test_truncation_keep_end(tok):
@@ -151,8 +176,11 @@ def test_truncation_keep_end_prompt_short_response_long(tok):
 
 def test_truncation_drop(tok):
     long_prompt = " ".join(f"w{i}" for i in range(200))
-    pairs = [Pair(long_prompt, " a", " b", "f line 1"), Pair("short", " a", " b", "f line 2"),
-             Pair("short", " " + "x " * 300, " b", "f line 3")]
+    pairs = [
+        Pair(long_prompt, " a", " b", "f line 1"),
+        Pair("short", " a", " b", "f line 2"),
+        Pair("short", " " + "x " * 300, " b", "f line 3"),
+    ]
     out, stats = tokenize_pairs(pairs, tok, max_length=96, max_prompt_length=64, truncation="drop")
     assert len(out) == 1 and out[0]["prompt_ids"] == _ids(tok, "short")
     assert stats.pairs == 3 and stats.dropped_too_long == 2 and stats.truncated == 0
@@ -164,8 +192,6 @@ def test_truncation_drop(tok):
 
 def test_real_hh_pairs_round_trip(tok, shared_data):
     """The first 50 HH pairs: standard strings round-trip exactly through the tokenizer."""
-    from prefopt.data.formats import load_pairs
-
     pairs, shape = load_pairs(str(shared_data / "hh-harmless-train.jsonl"), limit=50)
     assert shape == "standard" and len(pairs) == 50
     pt = PairTokenizer(tok, max_length=4096, max_prompt_length=2048)
@@ -178,8 +204,6 @@ def test_real_hh_pairs_round_trip(tok, shared_data):
 
 
 def test_real_hh_conversational_matches_template(tok, shared_data):
-    from prefopt.data.formats import load_pairs
-
     pairs, shape = load_pairs(str(shared_data / "hh-harmless-train.conversational.jsonl"), limit=20)
     assert shape == "conversational"
     pt = PairTokenizer(tok, max_length=4096, max_prompt_length=2048)

@@ -12,8 +12,13 @@ from prefopt.data.formats import Pair
 from prefopt.data.tokenize import PairTokenizer
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-CANDIDATES = ("\n\t" + "".join(map(chr, range(0x20, 0x2500))) + "".join(map(chr, range(0x4E00, 0x4F00)))
-              + "".join(map(chr, range(0x1F300, 0x1F650))) + "\u0301\u200d\ufeff")
+CANDIDATES = (
+    "\n\t"
+    + "".join(map(chr, range(0x20, 0x2500)))
+    + "".join(map(chr, range(0x4E00, 0x4F00)))
+    + "".join(map(chr, range(0x1F300, 0x1F650)))
+    + "\u0301\u200d\ufeff"
+)
 
 
 def decode(tok, ids):
@@ -57,7 +62,8 @@ def test_chat_pairs_round_trip(smol_tokenizer, alphabet, data):
     user = data.draw(texts(alphabet), "user")
     chosen, rejected = (data.draw(texts(alphabet, 1).filter(str.strip), n) for n in ("chosen", "rejected"))
     prompt = ([{"role": "system", "content": system}] if system is not None else []) + [
-        {"role": "user", "content": user}]
+        {"role": "user", "content": user}
+    ]
     pair = Pair(prompt, [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}])
     ex = PairTokenizer(tok, max_length=10_000, max_prompt_length=5_000)(pair)
     rendered_prompt = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from prefopt import config
-from prefopt.train import train
+from prefopt.recipes.train import train
 
 
 @pytest.mark.slow
@@ -22,15 +22,25 @@ def test_hh_dpo_20_steps_learns(shared_data, smol_dir, tmp_path):
     if not data.is_file():
         pytest.skip(f"{data} is absent")
     out = tmp_path / "run"
-    cfg = config.from_dict({
-        "model": {"name": "default"},
-        "lora": {"enabled": True, "r": 8, "alpha": 16},
-        "data": {"train": str(data), "limit": 16, "max_length": 96, "max_prompt_length": 64},
-        "loss": {"name": "sigmoid", "beta": 0.1},
-        "reference": {"cache_dir": str(tmp_path / "ref-cache")},
-        "train": {"output_dir": str(out), "max_steps": 20, "batch_size": 2, "lr": 1e-3,
-                  "warmup_ratio": 0.0, "logging_steps": 1, "progress": False, "seed": 0},
-    })
+    cfg = config.from_dict(
+        {
+            "model": {"name": "default"},
+            "lora": {"enabled": True, "r": 8, "alpha": 16},
+            "data": {"train": str(data), "limit": 16, "max_length": 96, "max_prompt_length": 64},
+            "loss": {"name": "sigmoid", "beta": 0.1},
+            "reference": {"cache_dir": str(tmp_path / "ref-cache")},
+            "train": {
+                "output_dir": str(out),
+                "max_steps": 20,
+                "batch_size": 2,
+                "lr": 1e-3,
+                "warmup_ratio": 0.0,
+                "logging_steps": 1,
+                "progress": False,
+                "seed": 0,
+            },
+        }
+    )
     t0 = time.time()
     summary = train(cfg)
     wall = time.time() - t0
@@ -40,8 +50,10 @@ def test_hh_dpo_20_steps_learns(shared_data, smol_dir, tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 21))
     loss = [r["loss"] for r in rows]
     acc = [r["rewards/accuracies"] for r in rows]
-    print(f"\nHH DPO 20 steps ({wall:.0f} s): first loss {loss[0]:.4f}, last loss {loss[-1]:.4f}; "
-          f"losses {[round(x, 3) for x in loss]}; accuracies {[round(a, 2) for a in acc]}")
+    print(
+        f"\nHH DPO 20 steps ({wall:.0f} s): first loss {loss[0]:.4f}, last loss {loss[-1]:.4f}; "
+        f"losses {[round(x, 3) for x in loss]}; accuracies {[round(a, 2) for a in acc]}"
+    )
 
     assert summary["steps"] == 20 and summary["first_loss"] == pytest.approx(loss[0])
     assert loss[0] == pytest.approx(0.693147, abs=1e-3)  # policy == reference at step 1

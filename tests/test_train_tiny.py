@@ -1,4 +1,4 @@
-"""prefopt.train.train in-process on the tiny model: settings that must not change the maths
+"""prefopt.recipes.train.train in-process on the tiny model: settings that must not change the maths
 (precomputed vs on-the-fly reference, gradient accumulation, activation checkpointing) give the
 same per-step metrics; evaluation metrics are logged."""
 
@@ -9,10 +9,16 @@ import json
 import pytest
 
 from prefopt import config
-from prefopt.train import train
+from prefopt.recipes.train import train
 
-PAIRS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" {2 * i}.",
-          "rejected": f" I do not know, maybe {i + 1} or so."} for i in range(8)]
+PAIRS = [
+    {
+        "prompt": f"Question {i}: what is {i} plus {i}?",
+        "chosen": f" {2 * i}.",
+        "rejected": f" I do not know, maybe {i + 1} or so.",
+    }
+    for i in range(8)
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +33,16 @@ def run(tiny_dir, pairs_file, tmp_path, name, **sections) -> list[dict]:
         "model": {"name": tiny_dir},
         "data": {"train": str(pairs_file), "max_length": 64, "max_prompt_length": 32},
         "reference": {"cache_dir": str(tmp_path / "ref-cache")},
-        "train": {"output_dir": str(tmp_path / name), "max_steps": 3, "batch_size": 2, "lr": 1e-2,
-                  "warmup_ratio": 0.0, "progress": False, "seed": 0,
-                  "bf16": False},  # equalities of maths are checked in float32 (bf16 rounding depends on shapes)
+        "train": {
+            "output_dir": str(tmp_path / name),
+            "max_steps": 3,
+            "batch_size": 2,
+            "lr": 1e-2,
+            "warmup_ratio": 0.0,
+            "progress": False,
+            "seed": 0,
+            "bf16": False,
+        },  # equalities of maths are checked in float32 (bf16 rounding depends on shapes)
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
@@ -80,15 +93,16 @@ def test_activation_checkpointing_is_exact(tiny_dir, pairs_file, tmp_path, lora,
     same_metrics(a, b)
 
 
-@pytest.mark.parametrize("setting,lora", [(None, True), (False, True), (None, False)],
-                         ids=["default-lora", "off-lora", "default-full"])
+@pytest.mark.parametrize(
+    "setting,lora", [(None, True), (False, True), (None, False)], ids=["default-lora", "off-lora", "default-full"]
+)
 def test_memory_savers_engage(tiny_dir, pairs_file, tmp_path, monkeypatch, setting, lora):
     """The default really checkpoints the decoder layers while training (and `false` really does
     not); a full fine-tune of a tied-embedding model in one process takes sparse lookup gradients
     (LoRA, whose embedding is frozen, does not)."""
-    import prefopt.train as pt
     from transformers import TrainerCallback
 
+    import prefopt.recipes.train as pt
     from prefopt.modeling.logprobs import unwrap
 
     seen = []
@@ -132,8 +146,16 @@ def test_bf16_first_step_policy_equals_precomputed_reference(tiny_dir, pairs_fil
 
     # One batch holds all 8 pairs, in training as in the precompute: bf16 kernels round differently
     # for different batch shapes (padding width), which would add noise of its own (~1e-3 relative).
-    rows = train_rows(run(tiny_dir, pairs_file, tmp_path, f"bf16-{lora}", lora={"enabled": lora, "r": 4},
-                          train={"bf16": True, "batch_size": 8}))
+    rows = train_rows(
+        run(
+            tiny_dir,
+            pairs_file,
+            tmp_path,
+            f"bf16-{lora}",
+            lora={"enabled": lora, "r": 4},
+            train={"bf16": True, "batch_size": 8},
+        )
+    )
     first = rows[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["rewards/margins"] == 0 and first["logps/chosen"] == first["logps/ref_chosen"]

@@ -1,8 +1,10 @@
 """`prefopt` command line: train | data check | eval | score | demo | frontier | rounds | report.
 
-    prefopt train CONFIG.yaml [--resume] [--section.key value ...]
+    prefopt train CONFIG.yaml [--resume [--force] | --overwrite] [--section.key value ...]
                                                           dotted flags override the YAML; --resume
-                                                          continues from the newest checkpoint
+                                                          continues from the newest checkpoint (same
+                                                          config and data, or --force); --overwrite
+                                                          replaces another run's outputs in the folder
     prefopt data check PATH [--config CONFIG.yaml] [--json] [--section.key value ...]
                                                           what is in a data file, what is wrong with it
     prefopt eval --model OUT --data PATH [--json]         the trained model as a reward model on preference
@@ -24,9 +26,14 @@ with code 2; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+
+import yaml
+
+from prefopt.errors import PrefoptError
 
 # Before torch is imported: OpenMP spin-waiting makes torch several times slower on a busy CPU.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -37,25 +44,49 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prefopt", description="Preference optimisation (DPO and family) for causal LMs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_train_and_data(sub)
+    _add_eval_and_score(sub)
+    _add_experiments_and_report(sub)
+    return p
+
+
+def _add_train_and_data(sub) -> None:
     t = sub.add_parser("train", help="train from a YAML config; --section.key value overrides it")
     t.add_argument("config", nargs="?", help="YAML config file (optional when every key is given as a flag)")
-    t.add_argument("overrides", nargs=argparse.REMAINDER,
-                   help="--resume (continue from the newest complete checkpoint in train.output_dir) and "
-                   "--section.key value ...")
+    t.add_argument(
+        "overrides",
+        nargs=argparse.REMAINDER,
+        help="--resume (continue from the newest complete checkpoint in train.output_dir; refused when the config or "
+        "the data differ from the checkpoint's, unless --force), --overwrite (replace another run's model and "
+        "checkpoints in train.output_dir) and --section.key value ...",
+    )
     data = sub.add_parser("data", help="inspect preference data").add_subparsers(dest="data_command", required=True)
-    c = data.add_parser("check", help="report shape, counts, token lengths and problems of a data file; exit 2 "
-                        "when it is not usable")
+    c = data.add_parser(
+        "check", help="report shape, counts, token lengths and problems of a data file; exit 2 when it is not usable"
+    )
     c.add_argument("path", help="data file, save_to_disk folder or hub id")
     c.add_argument("--config", help="YAML config whose model (tokenizer) and data options apply")
     c.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    e = sub.add_parser("eval", help="evaluate a trained model: implicit rewards on preference data (--data), or "
-                       "samples scored by a reward function (--prompts)")
+
+
+def _add_eval_and_score(sub) -> None:
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a trained model: implicit rewards on preference data (--data), or "
+        "samples scored by a reward function (--prompts)",
+    )
     e.add_argument("--model", required=True, metavar="OUT", help="output folder of a `prefopt train` run")
     which = e.add_mutually_exclusive_group(required=True)
-    which.add_argument("--data", metavar="PATH", help="preference data (pairs, or completion + label), read "
-                       "with the run's data options")
-    which.add_argument("--prompts", metavar="PATH", help="prompts (.txt one per line, or .jsonl with 'prompt') "
-                       "to sample from policy and reference")
+    which.add_argument(
+        "--data",
+        metavar="PATH",
+        help="preference data (pairs, or completion + label), read with the run's data options",
+    )
+    which.add_argument(
+        "--prompts",
+        metavar="PATH",
+        help="prompts (.txt one per line, or .jsonl with 'prompt') to sample from policy and reference",
+    )
     e.add_argument("--reward", default="vader", help="reward function for --prompts (default: vader)")
     e.add_argument("--samples", type=int, default=4, help="samples per prompt for --prompts (default: 4)")
     e.add_argument("--max-new-tokens", type=int, default=32, help="for --prompts (default: 32)")
@@ -67,12 +98,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, metavar="PATH", help="preference data")
     s.add_argument("--out", default=None, metavar="FILE", help="JSONL to write (default: OUT/scores/<data name>.jsonl)")
     s.add_argument("--batch-size", type=int, default=8, help="examples per forward (default: 8)")
-    for name, text in (("frontier", "reward-KL frontier: a grid of losses x beta on a prompt set with a reward "
-                                     "(CSV + PNG)"),
-                       ("rounds", "on-policy rounds: sample from the current policy, score, pair, train, repeat")):
+
+
+def _add_experiments_and_report(sub) -> None:
+    for name, text in (
+        ("frontier", "reward-KL frontier: a grid of losses x beta on a prompt set with a reward (CSV + PNG)"),
+        ("rounds", "on-policy rounds: sample from the current policy, score, pair, train, repeat"),
+    ):
         x = sub.add_parser(name, help=text)
-        x.add_argument("config", nargs="?", help="experiment YAML (keys: see docs/evaluation.md); default: the "
-                       "built-in sentiment task")
+        x.add_argument(
+            "config",
+            nargs="?",
+            help="experiment YAML (keys: see docs/evaluation.md); default: the built-in sentiment task",
+        )
         x.add_argument("--quick", action="store_true", help="a tiny run to check the machinery (not a result)")
         x.epilog = "Any experiment key can be given as --key value (a YAML value), e.g. --grid '{ipo: [0.1, 1]}'."
     d = sub.add_parser("demo", help="offline controlled-sentiment DPO demo on the embedded model")
@@ -82,14 +120,10 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="write an HTML report (plots + summary) of a run's metrics.jsonl")
     r.add_argument("outdir", help="the run's output folder")
     r.add_argument("--out", default=None, help="report folder (default: OUTDIR/report)")
-    return p
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(the parsed command, the --section.key / --key value overrides that follow it)."""
     if argv[:1] == ["train"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] not in ("--help", "-h"):
         argv.insert(1, "")  # no config file: every key comes from flags
     if argv[:1] in (["frontier"], ["rounds"]) and not {"-h", "--help"} & set(argv):
@@ -97,58 +131,28 @@ def main(argv=None) -> int:
         tail = argv[1:]
         config_path = tail.pop(0) if tail and not tail[0].startswith("--") else None
         args = argparse.Namespace(command=argv[0], config=config_path, quick="--quick" in tail)
-        rest = [a for a in tail if a != "--quick"]
-    elif argv[:2] == ["data", "check"]:
-        args, rest = parser.parse_known_args(argv)
-    else:
-        args = parser.parse_args(argv)
-        rest = getattr(args, "overrides", [])
+        return args, [a for a in tail if a != "--quick"]
+    if argv[:2] == ["data", "check"]:
+        return parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
+    return args, getattr(args, "overrides", [])
+
+
+def main(argv=None) -> int:
+    """Run the command in `argv` (default: the command line); returns the exit code: 0, 2 for bad
+    input (one paragraph on stderr), 130 when interrupted."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args, rest = _parse(_parser(), [a for a in argv if a != "--debug"])
     # under torchrun / accelerate launch only rank 0 reports progress; every rank reports problems
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="prefopt: %(message)s" if rank == 0 else f"prefopt[rank {rank}]: %(message)s",
-                        stream=sys.stderr)
-    from .errors import PrefoptError
-
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="prefopt: %(message)s" if rank == 0 else f"prefopt[rank {rank}]: %(message)s",
+        stream=sys.stderr,
+    )
     try:
-        if args.command == "train":
-            from . import config
-            from .train import train
-
-            resume = "--resume" in rest
-            cfg = config.load(args.config or None, [a for a in rest if a != "--resume"])
-            summary = train(cfg, resume=resume)
-            if "interrupted" in summary:
-                print(f"stopped at step {summary['interrupted']}; checkpoint saved in {summary['checkpoint']}; "
-                      "continue with --resume", file=sys.stderr)
-                return 130
-            if rank == 0:
-                print(f"trained {summary['steps']} steps; model saved in {summary['output_dir']}")
-            return 0
-        if args.command == "data":
-            return _data_check(args, rest)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "score":
-            from .evaluate import score_data
-
-            res = score_data(args.model, args.data, args.out, batch_size=args.batch_size)
-            acc = res["policy"].get("reward_accuracy", res["policy"].get("sign_accuracy"))
-            what = "reward accuracy" if res["shape"] == "paired" else "sign accuracy"
-            print(f"wrote {res['lines']} lines to {res['out']} ({what} {acc:.3f}, reward r = {res['reward']})")
-            return 0
-        if args.command in ("frontier", "rounds"):
-            return _experiment(args, rest)
-        if args.command == "demo":
-            from .demo import run_demo
-
-            run_demo(out=args.out, seed=args.seed, quick=args.quick)
-            return 0
-        if args.command == "report":
-            from .report import write_report
-
-            print(write_report(args.outdir, args.out))
-            return 0
+        return COMMANDS[args.command](args, rest)
     except PrefoptError as e:
         if debug:
             raise
@@ -157,16 +161,61 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("prefopt: interrupted", file=sys.stderr)
         return 130
+
+
+# Each command imports what it runs when it runs: `prefopt --help` and a mistyped command answer
+# at once instead of after importing torch, transformers and peft (several seconds).
+
+
+TRAIN_FLAGS = ("--resume", "--overwrite", "--force")
+
+
+def _train(args, rest: list[str]) -> int:
+    from prefopt import config
+    from prefopt.recipes.train import train
+
+    flags = {f for f in TRAIN_FLAGS if f in rest}
+    cfg = config.load(args.config or None, [a for a in rest if a not in TRAIN_FLAGS])
+    summary = train(cfg, resume="--resume" in flags, overwrite="--overwrite" in flags, force="--force" in flags)
+    if "interrupted" in summary:
+        print(
+            f"stopped at step {summary['interrupted']}; checkpoint saved in {summary['checkpoint']}; "
+            "continue with --resume",
+            file=sys.stderr,
+        )
+        return 130
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {summary['steps']} steps; model saved in {summary['output_dir']}")
     return 0
 
 
-def _experiment(args, overrides_argv: list[str]) -> int:
-    import json
+def _score(args, rest: list[str]) -> int:
+    from prefopt.evaluation.reward_model import score_data
 
-    import yaml
+    res = score_data(args.model, args.data, args.out, batch_size=args.batch_size)
+    acc = res["policy"].get("reward_accuracy", res["policy"].get("sign_accuracy"))
+    what = "reward accuracy" if res["shape"] == "paired" else "sign accuracy"
+    print(f"wrote {res['lines']} lines to {res['out']} ({what} {acc:.3f}, reward r = {res['reward']})")
+    return 0
 
-    from .errors import PrefoptError
-    from .experiment import ExperimentConfig, as_dict, load_config
+
+def _demo(args, rest: list[str]) -> int:
+    from prefopt.experiments.demo import run_demo
+
+    run_demo(out=args.out, seed=args.seed, quick=args.quick)
+    return 0
+
+
+def _report(args, rest: list[str]) -> int:
+    from prefopt.evaluation.report import write_report
+
+    print(write_report(args.outdir, args.out))
+    return 0
+
+
+def _experiment_config(args, overrides_argv: list[str]):
+    """The experiment config of `prefopt frontier|rounds [CONFIG] [--quick] --key value ...`."""
+    from prefopt.experiments.experiment import ExperimentConfig, as_dict, load_config
 
     rest = list(overrides_argv)
     overrides = {}
@@ -177,19 +226,25 @@ def _experiment(args, overrides_argv: list[str]) -> int:
         overrides[key[2:].replace("-", "_")] = yaml.safe_load(rest.pop(0))
     cfg = load_config(args.config, overrides)
     if args.quick:
-        cfg = ExperimentConfig.quick(**{k: v for k, v in as_dict(cfg).items()
-                                        if k in ("model", "prompts", "reward", "out", "seed", "loss", "beta",
-                                                 "pairs", "rounds")})
+        kept = ("model", "prompts", "reward", "out", "seed", "loss", "beta", "pairs", "rounds")
+        cfg = ExperimentConfig.quick(**{k: v for k, v in as_dict(cfg).items() if k in kept})
+    return cfg
+
+
+def _experiment(args, overrides_argv: list[str]) -> int:
+    cfg = _experiment_config(args, overrides_argv)
     if args.command == "frontier":
-        from .frontier import run_frontier
+        from prefopt.experiments.frontier import run_frontier
 
         res = run_frontier(cfg)
         for r in res["rows"]:
-            print(f"  {r['loss']:<10} beta {r['beta']:<6g} reward {r['reward_policy']:.3f} "
-                  f"(gain {r['reward_gain']:+.3f} ± {r['reward_se']:.2f}) at KL {r['kl_nats']:.2f} nats")
+            print(
+                f"  {r['loss']:<10} beta {r['beta']:<6g} reward {r['reward_policy']:.3f} "
+                f"(gain {r['reward_gain']:+.3f} ± {r['reward_se']:.2f}) at KL {r['kl_nats']:.2f} nats"
+            )
         print(f"wrote {res['csv']} and {res['png']} ({res['seconds']:.0f} s)")
     else:
-        from .rounds import run_rounds, table
+        from prefopt.experiments.rounds import run_rounds, table
 
         res = run_rounds(cfg)
         print(table(res))
@@ -199,35 +254,49 @@ def _experiment(args, overrides_argv: list[str]) -> int:
     return 0
 
 
-def _eval(args) -> int:
-    import json
-
-    from .evaluate import evaluate_data, format_report
-
+def _eval(args, rest: list[str]) -> int:
     if args.prompts is not None:
-        from .gen_eval import format_table, run_generation_eval
+        from prefopt.evaluation.generation import format_table, run_generation_eval
 
-        res = run_generation_eval(model_dir=args.model, prompts=args.prompts, reward=args.reward,
-                                  samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        res = run_generation_eval(
+            model_dir=args.model,
+            prompts=args.prompts,
+            reward=args.reward,
+            samples=args.samples,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        )
         print(json.dumps(res, ensure_ascii=False) if args.json else format_table(res))
         return 0
+    from prefopt.evaluation.reward_model import evaluate_data, format_report
+
     res = evaluate_data(args.model, args.data, batch_size=args.batch_size)
     print(json.dumps(res, ensure_ascii=False) if args.json else format_report(res))
     return 0
 
 
 def _data_check(args, overrides: list[str]) -> int:
-    import json
-
-    from . import config
-    from .data.check import check, format_report
-    from .modeling import load
+    from prefopt import config
+    from prefopt.data.check import check, format_report
+    from prefopt.modeling import load
 
     cfg = config.load(args.config, overrides)
     tokenizer = load.load_tokenizer(load.resolve(cfg.model.name), cfg.model.revision, cfg.model.trust_remote_code)
     report = check(args.path, cfg.data, tokenizer, tokenizer_name=cfg.model.name)
     print(json.dumps(report, ensure_ascii=False) if args.json else format_report(report))
     return 0 if report["usable"] else 2
+
+
+COMMANDS = {
+    "train": _train,
+    "data": _data_check,
+    "eval": _eval,
+    "score": _score,
+    "frontier": _experiment,
+    "rounds": _experiment,
+    "demo": _demo,
+    "report": _report,
+}
 
 
 if __name__ == "__main__":

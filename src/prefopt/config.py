@@ -14,6 +14,7 @@ resolved config that is saved beside the trained model.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import types
 import typing
@@ -23,7 +24,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .errors import PrefoptError
+from prefopt import losses
+from prefopt.data import formats
+from prefopt.errors import PrefoptError
 
 
 @dataclass
@@ -90,6 +93,7 @@ class LossConfig:
     f_alpha: Optional[float] = None
     ld_alpha: Optional[float] = None  # LD-DPO modifier, in [0, 1]; null = off (1 = plain)
     wpo: bool = False  # WPO modifier: per-pair weights from the policy's own probabilities
+    wpo_clamp: Optional[float] = 1.0  # WPO weights capped at this (null: uncapped, as in TRL)
     rpo_alpha: Optional[float] = None
     discopop_tau: Optional[float] = None
 
@@ -206,19 +210,19 @@ def from_dict(raw: dict, source: str = "config") -> Config:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise PrefoptError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), found {type(raw).__name__}")
+        raise PrefoptError(
+            f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), found {type(raw).__name__}"
+        )
     cfg = Config()
     for section, values in raw.items():
         if section not in SECTIONS:
-            raise PrefoptError(
-                f"{source}: unknown section '{section}'. Known sections: {', '.join(SECTIONS)}."
-            )
+            raise PrefoptError(f"{source}: unknown section '{section}'. Known sections: {', '.join(SECTIONS)}.")
         if values is None:
             continue
         if not isinstance(values, dict):
             raise PrefoptError(f"{source}: section '{section}' must be a mapping of keys, found {values!r}")
         set_keys(getattr(cfg, section), values, source, section)
-    validate(cfg, source)
+    complete(cfg, source)
     return cfg
 
 
@@ -238,14 +242,12 @@ def set_keys(obj, values: dict, source: str, section: str = "") -> None:
 
 
 COMBINE = "combine"  # loss.name of a weighted sum of paired losses (with loss.weights)
-LOSS_MODIFIERS = ("ld_alpha", "wpo")  # LossConfig keys that modify any paired loss
+LOSS_MODIFIERS = ("ld_alpha", "wpo", "wpo_clamp")  # LossConfig keys that modify any paired loss
 _NOT_HYPERPARAMETERS = ("name", "weights") + LOSS_MODIFIERS
-_NOT_PER_PAIR = ("aot", "aot_pair")  # their per-example losses are order statistics, not per pair
 
 
 def _combine_parts(loss: LossConfig, source: str) -> list[tuple[str, float]]:
     """loss.weights as [(registered paired loss name, weight)], or a PrefoptError naming loss.weights."""
-    from . import losses
 
     def bad(msg):
         raise PrefoptError(f"{source}: 'loss.weights' {msg}")
@@ -254,8 +256,10 @@ def _combine_parts(loss: LossConfig, source: str) -> list[tuple[str, float]]:
     example = "e.g. {sigmoid: 0.8, bco_pair: 0.2, sft: 1.0}"
     w = loss.weights
     if not w:
-        bad(f"must map each paired loss to its weight when loss.name is '{COMBINE}' ({example}); "
-            f"paired losses: {known}.")
+        bad(
+            f"must map each paired loss to its weight when loss.name is '{COMBINE}' ({example}); "
+            f"paired losses: {known}."
+        )
     if not isinstance(w, dict):
         bad(f"must be a mapping of loss name to weight ({example}), found {w!r}.")
     parts: list[tuple[str, float]] = []
@@ -281,118 +285,167 @@ def resolve_loss(loss: LossConfig, source: str = "config"):
     """The LossSpec that `loss` (a LossConfig) describes: a registered loss or alias, or for
     `name: combine` the weighted sum `losses.combine` builds from `loss.weights`. The one place
     where the config's loss name is looked up; a PrefoptError naming the key otherwise."""
-    from . import losses
-
     if loss.name == COMBINE:
         parts = _combine_parts(loss, source)
         return losses.combine(parts, name=f"{COMBINE}(" + " + ".join(f"{w:g}·{n}" for n, w in parts) + ")")
     key = losses.ALIASES.get(loss.name, loss.name)
     if key not in losses.REGISTRY:
-        raise PrefoptError(f"{source}: 'loss.name' is '{loss.name}'; known losses: "
-                           f"{', '.join(sorted(losses.REGISTRY))}, or '{COMBINE}' with loss.weights.")
+        raise PrefoptError(
+            f"{source}: 'loss.name' is '{loss.name}'; known losses: "
+            f"{', '.join(sorted(losses.REGISTRY))}, or '{COMBINE}' with loss.weights."
+        )
     return losses.REGISTRY[key]
 
 
 # where metrics go besides OUT/metrics.jsonl: transformers' integrations, each needing its package
-REPORT_TO = {"tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",), "wandb": ("wandb",),
-             "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
-             "swanlab": ("swanlab",), "neptune": ("neptune",), "codecarbon": ("codecarbon",)}
+REPORT_TO = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "trackio": ("trackio",),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "comet_ml": ("comet_ml",),
+    "clearml": ("clearml",),
+    "dvclive": ("dvclive",),
+    "swanlab": ("swanlab",),
+    "neptune": ("neptune",),
+    "codecarbon": ("codecarbon",),
+}
 
 
 def _check_report_to(value, source: str) -> None:
-    import importlib.util
-
     names = [value] if isinstance(value, str) else list(value)
     for name in names:
         if name in ("none", "all"):
             continue
         if name not in REPORT_TO:
-            raise PrefoptError(f"{source}: 'train.report_to' has '{name}'; expected none, all, or any of "
-                               f"{', '.join(REPORT_TO)} (a list for several).")
+            raise PrefoptError(
+                f"{source}: 'train.report_to' has '{name}'; expected none, all, or any of "
+                f"{', '.join(REPORT_TO)} (a list for several)."
+            )
         if not any(importlib.util.find_spec(m) for m in REPORT_TO[name]):
-            raise PrefoptError(f"{source}: 'train.report_to' has '{name}', but its package is not installed: "
-                               f"pip install {REPORT_TO[name][0]}")
+            raise PrefoptError(
+                f"{source}: 'train.report_to' has '{name}', but its package is not installed: "
+                f"pip install {REPORT_TO[name][0]}"
+            )
+
+
+def complete(cfg: Config, source: str = "config") -> None:
+    """Fill in what `cfg` leaves to the loss, then validate it: the loss name canonical (aliases
+    resolved), combine weights canonical, hyperparameters the loss does not take dropped (with a
+    warning) and those left unset given the loss's defaults, so the saved config records the
+    values actually used."""
+    spec = resolve_loss(cfg.loss, source)
+    loss = cfg.loss
+    loss.name = spec.name if loss.name != COMBINE else COMBINE
+    if loss.name == COMBINE:
+        loss.weights = dict(_combine_parts(loss, source))  # canonical names, float weights
+    for key in dataclasses.asdict(loss):
+        if key not in _NOT_HYPERPARAMETERS and getattr(loss, key) is not None and key not in spec.hyperparameters:
+            # e.g. a YAML made for DPO (beta) run with --loss.name orpo: said, dropped, not fatal
+            logging.getLogger("prefopt").warning(
+                "%s: loss.%s = %r is not used by loss '%s' (it takes: %s%s); ignored.",
+                source,
+                key,
+                getattr(loss, key),
+                spec.name,
+                ", ".join(spec.hyperparameters) or "none",
+                f"; modifiers {', '.join(LOSS_MODIFIERS)}" if spec.paired else "",
+            )
+            setattr(loss, key, None)
+    for key, default in spec.hyperparameters.items():
+        if getattr(loss, key) is None:
+            setattr(loss, key, default)
+    validate(cfg, source)
+
+
+def _bad(source: str, key: str, msg: str):
+    raise PrefoptError(f"{source}: '{key}' {msg}")
 
 
 def validate(cfg: Config, source: str = "config") -> None:
-    from . import losses
+    """A PrefoptError naming the first key of `cfg` whose value is out of range or inconsistent
+    with another; `cfg` is not changed."""
+    _validate_loss(cfg.loss, source)
+    _validate_data(cfg.data, source)
+    _validate_train(cfg.train, source)
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        _bad(source, "model.dtype", f"must be float32, bfloat16 or float16, found '{cfg.model.dtype}'.")
+    if cfg.lora.r < 1:
+        _bad(source, "lora.r", f"must be >= 1, found {cfg.lora.r}.")
 
-    def bad(key, msg):
-        raise PrefoptError(f"{source}: '{key}' {msg}")
 
-    cfg.loss.name = losses.ALIASES.get(cfg.loss.name, cfg.loss.name)
-    spec = resolve_loss(cfg.loss, source)
-    if cfg.loss.name == COMBINE:
-        cfg.loss.weights = dict(_combine_parts(cfg.loss, source))  # canonical names, float weights
-    elif cfg.loss.weights is not None:
-        bad("loss.weights", f"is only used with loss.name: {COMBINE} (loss.name is '{cfg.loss.name}').")
-    for key in dataclasses.asdict(cfg.loss):
-        if key not in _NOT_HYPERPARAMETERS and getattr(cfg.loss, key) is not None \
-                and key not in spec.hyperparameters:
-            # e.g. a YAML made for DPO (beta) run with --loss.name orpo: said, dropped, not fatal
-            logging.getLogger("prefopt").warning(
-                "%s: loss.%s = %r is not used by loss '%s' (it takes: %s%s); ignored.", source, key,
-                getattr(cfg.loss, key), spec.name, ", ".join(spec.hyperparameters) or "none",
-                f"; modifiers {', '.join(LOSS_MODIFIERS)}" if spec.paired else "")
-            setattr(cfg.loss, key, None)
-    for key, default in spec.hyperparameters.items():  # record the values actually used
-        if getattr(cfg.loss, key) is None:
-            setattr(cfg.loss, key, default)
-    for key, on in (("ld_alpha", cfg.loss.ld_alpha is not None), ("wpo", cfg.loss.wpo)):
+def _validate_loss(loss: LossConfig, source: str) -> None:
+    spec = resolve_loss(loss, source)
+    if loss.name != COMBINE and loss.weights is not None:
+        _bad(source, "loss.weights", f"is only used with loss.name: {COMBINE} (loss.name is '{loss.name}').")
+    for key, on in (("ld_alpha", loss.ld_alpha is not None), ("wpo", loss.wpo)):
         if on and not spec.paired:
-            bad(f"loss.{key}", f"modifies paired losses; loss '{spec.name}' is unpaired.")
-    if cfg.loss.ld_alpha is not None and not 0 <= cfg.loss.ld_alpha <= 1:
-        bad("loss.ld_alpha", f"must be in [0, 1] (1 = plain, no length desensitisation), found {cfg.loss.ld_alpha}.")
-    if cfg.loss.wpo:
-        parts = list(cfg.loss.weights) if cfg.loss.name == COMBINE else [cfg.loss.name]
-        order_stats = [p for p in parts if p in _NOT_PER_PAIR]
-        if order_stats:
-            bad("loss.wpo", f"weights each pair's loss, but '{order_stats[0]}' returns losses of sorted "
-                "order statistics, not of pairs; use another loss or wpo: false.")
-    if cfg.loss.beta is not None and cfg.loss.beta <= 0:
-        bad("loss.beta", f"must be > 0, found {cfg.loss.beta}.")
-    if cfg.loss.label_smoothing is not None and not 0 <= cfg.loss.label_smoothing < 0.5:
-        bad("loss.label_smoothing", f"must be in [0, 0.5), found {cfg.loss.label_smoothing}.")
-    if cfg.data.truncation not in ("keep_end", "drop"):
-        bad("data.truncation", f"must be 'keep_end' or 'drop', found '{cfg.data.truncation}'.")
-    if cfg.data.chat_template not in ("auto", "always", "never"):
-        bad("data.chat_template", f"must be auto, always or never, found '{cfg.data.chat_template}'.")
-    if cfg.data.max_prompt_length >= cfg.data.max_length:
-        bad("data.max_prompt_length", f"({cfg.data.max_prompt_length}) must be below data.max_length ({cfg.data.max_length}).")
-    if cfg.data.limit is not None and cfg.data.limit < 1:
-        bad("data.limit", f"must be >= 1 (or null for all records), found {cfg.data.limit}.")
-    from .data import formats
+            _bad(source, f"loss.{key}", f"modifies paired losses; loss '{spec.name}' is unpaired.")
+    if loss.ld_alpha is not None and not 0 <= loss.ld_alpha <= 1:
+        _bad(
+            source, "loss.ld_alpha", f"must be in [0, 1] (1 = plain, no length desensitisation), found {loss.ld_alpha}."
+        )
+    if loss.wpo and not spec.per_pair:
+        _bad(
+            source,
+            "loss.wpo",
+            f"weights each pair's loss, but '{spec.name}' returns losses of sorted order "
+            "statistics, not of pairs; use another loss or wpo: false.",
+        )
+    if loss.wpo_clamp is not None and not loss.wpo_clamp > 0:
+        _bad(source, "loss.wpo_clamp", f"must be > 0 (or null: uncapped), found {loss.wpo_clamp}.")
+    if loss.beta is not None and loss.beta <= 0:
+        _bad(source, "loss.beta", f"must be > 0, found {loss.beta}.")
+    if loss.label_smoothing is not None and not 0 <= loss.label_smoothing < 0.5:
+        _bad(source, "loss.label_smoothing", f"must be in [0, 0.5), found {loss.label_smoothing}.")
 
+
+def _validate_data(data: DataConfig, source: str) -> None:
+    if data.truncation not in ("keep_end", "drop"):
+        _bad(source, "data.truncation", f"must be 'keep_end' or 'drop', found '{data.truncation}'.")
+    if data.chat_template not in ("auto", "always", "never"):
+        _bad(source, "data.chat_template", f"must be auto, always or never, found '{data.chat_template}'.")
+    if data.max_prompt_length >= data.max_length:
+        _bad(
+            source,
+            "data.max_prompt_length",
+            f"({data.max_prompt_length}) must be below data.max_length ({data.max_length}).",
+        )
+    if data.limit is not None and data.limit < 1:
+        _bad(source, "data.limit", f"must be >= 1 (or null for all records), found {data.limit}.")
     try:
-        formats.options_from(cfg.data).validate()
+        formats.options_from(data).validate()
     except PrefoptError as e:
         raise PrefoptError(f"{source}: {e}") from None
-    if cfg.data.max_prompt_length < 1:
-        bad("data.max_prompt_length", f"must be >= 1, found {cfg.data.max_prompt_length}.")
-    if not 0 <= cfg.train.warmup_ratio < 1:
-        bad("train.warmup_ratio", f"must be in [0, 1), found {cfg.train.warmup_ratio}.")
-    if cfg.train.epochs <= 0:
-        bad("train.epochs", f"must be > 0, found {cfg.train.epochs}.")
-    if not 0 <= cfg.data.eval_fraction < 1:
-        bad("data.eval_fraction", f"must be in [0, 1), found {cfg.data.eval_fraction}.")
-    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
-        bad("model.dtype", f"must be float32, bfloat16 or float16, found '{cfg.model.dtype}'.")
-    if cfg.train.gradient_checkpointing not in (True, False, "mlp"):
-        bad("train.gradient_checkpointing", f"must be true (whole layers), mlp (only each layer's MLP) or false, "
-            f"found {cfg.train.gradient_checkpointing!r}.")
-    if cfg.train.bf16 not in (True, False, "auto"):
-        bad("train.bf16", f"must be true, false or auto, found {cfg.train.bf16!r}.")
+    if data.max_prompt_length < 1:
+        _bad(source, "data.max_prompt_length", f"must be >= 1, found {data.max_prompt_length}.")
+    if not 0 <= data.eval_fraction < 1:
+        _bad(source, "data.eval_fraction", f"must be in [0, 1), found {data.eval_fraction}.")
+
+
+def _validate_train(train: TrainConfig, source: str) -> None:
+    if not 0 <= train.warmup_ratio < 1:
+        _bad(source, "train.warmup_ratio", f"must be in [0, 1), found {train.warmup_ratio}.")
+    if train.epochs <= 0:
+        _bad(source, "train.epochs", f"must be > 0, found {train.epochs}.")
+    if train.gradient_checkpointing not in (True, False, "mlp"):
+        _bad(
+            source,
+            "train.gradient_checkpointing",
+            f"must be true (whole layers), mlp (only each layer's MLP) or "
+            f"false, found {train.gradient_checkpointing!r}.",
+        )
+    if train.bf16 not in (True, False, "auto"):
+        _bad(source, "train.bf16", f"must be true, false or auto, found {train.bf16!r}.")
     for key in ("batch_size", "grad_accum"):
-        if getattr(cfg.train, key) < 1:
-            bad(f"train.{key}", f"must be >= 1, found {getattr(cfg.train, key)}.")
-    _check_report_to(cfg.train.report_to, source)
+        if getattr(train, key) < 1:
+            _bad(source, f"train.{key}", f"must be >= 1, found {getattr(train, key)}.")
+    _check_report_to(train.report_to, source)
     for key in ("save_steps", "save_total_limit", "eval_steps"):
-        if getattr(cfg.train, key) < 0:
-            bad(f"train.{key}", f"must be >= 0 (0 = off), found {getattr(cfg.train, key)}.")
-    if cfg.train.lr <= 0:
-        bad("train.lr", f"must be > 0, found {cfg.train.lr}.")
-    if cfg.lora.r < 1:
-        bad("lora.r", f"must be >= 1, found {cfg.lora.r}.")
+        if getattr(train, key) < 0:
+            _bad(source, f"train.{key}", f"must be >= 0 (0 = off), found {getattr(train, key)}.")
+    if train.lr <= 0:
+        _bad(source, "train.lr", f"must be > 0, found {train.lr}.")
 
 
 def parse_overrides(args: list[str]) -> dict:
@@ -402,9 +455,7 @@ def parse_overrides(args: list[str]) -> dict:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg:
-            raise PrefoptError(
-                f"command line: expected an override like --train.lr 1e-5, found '{arg}'."
-            )
+            raise PrefoptError(f"command line: expected an override like --train.lr 1e-5, found '{arg}'.")
         key = arg[2:]
         if "=" in key:
             key, text = key.split("=", 1)

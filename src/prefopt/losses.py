@@ -23,10 +23,13 @@ caller takes the mean. Use them in your own loop:
     loss = spec.fn(logp_c, logp_r, ref_logp_c, ref_logp_r, len_c=len_c, len_r=len_r,
                    **spec.hyperparameters).mean()
 
-The registry (`REGISTRY`, `get`, `names`) records what each loss needs — a reference model,
-pairs, token counts, an NLL term — so the trainer loads a reference only when needed and refuses
-data of the wrong shape. docs/losses.md has the formulas, the hyperparameter ranges and a
-rule of thumb for choosing.
+The registry (`REGISTRY`, `get`, `names`) holds one `LossSpec` per loss with every trait the
+rest of prefopt reads: whether it needs a reference model, pairs or unpaired labels, a state kept
+by the caller, KTO's mismatched completions, whether its per-example losses belong to pairs, its
+hyperparameters and the form of its implicit reward (`implicit_rewards`). So the trainer loads a
+reference only when needed and refuses data of the wrong shape. docs/losses.md has the formulas,
+the hyperparameter ranges and a rule of thumb for choosing; docs/contributing.md shows how to add
+a loss.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------------------------
 # shared pieces
 # --------------------------------------------------------------------------------------------
+
 
 def _need(x: Optional[Tensor], what: str, loss: str) -> Tensor:
     if x is None:
@@ -98,10 +102,11 @@ def f_log_ratio(logp: Tensor, ref_logp: Tensor, divergence: str = "reverse_kl", 
         reverse_kl  f(x) = x log x        f′ → u
         forward_kl  f(x) = −log x         f′ → −exp(−u)
         js          f(x) = x log x − (x+1) log((x+1)/2)
-                                          f′ → log 2 + u − log(1 + exp(u))
+                                          f′ → log 2 + u − log(1 + exp(u)) = log 2 + log σ(u)
         alpha       f(x) = (x^(1−α) − (1−α)x − α) / (α(α−1))
                                           f′ → (1 − exp(−α·u)) / α      (α ≠ 0; α → 0 is reverse KL)
 
+    `alpha` is the paper's α (TRL's `f_alpha_divergence_coef` is 1 − α; the two agree at 0.5).
     The policy that minimises the f-DPO loss under Bradley–Terry labels satisfies
     β·f′(π*(y)/π_ref(y)) = r(y) + const.
     """
@@ -111,7 +116,7 @@ def f_log_ratio(logp: Tensor, ref_logp: Tensor, divergence: str = "reverse_kl", 
     if divergence == "forward_kl":
         return -_capped_exp(-u)
     if divergence == "js":
-        return math.log(2.0) + u - F.softplus(u)
+        return math.log(2.0) + F.logsigmoid(u)  # = log 2 + u − log(1 + e^u), exact for large |u|
     if divergence == "alpha":
         if alpha == 0:
             raise ValueError("f_alpha must be non-zero (alpha → 0 is reverse_kl)")
@@ -131,6 +136,8 @@ class BCOState:
         self.count = int(count)
 
     def update(self, rewards: Tensor) -> float:
+        """Fold the (detached) `rewards` of one batch into the running mean, weighted by their
+        count, and return the new mean δ. An empty tensor leaves the state as it was."""
         r = rewards.detach().reshape(-1).double()
         n = r.numel()
         if n:
@@ -154,10 +161,20 @@ def _reward_shift(rewards: Tensor, state: Optional[BCOState]) -> Union[Tensor, f
 # paired losses that need a reference
 # --------------------------------------------------------------------------------------------
 
-def sigmoid(logp_c: Tensor, logp_r: Tensor, ref_logp_c: Optional[Tensor] = None,
-            ref_logp_r: Optional[Tensor] = None, *, len_c: Optional[Tensor] = None,
-            len_r: Optional[Tensor] = None, beta: float = 0.1, label_smoothing: float = 0.0,
-            f_divergence: str = "reverse_kl", f_alpha: float = 1.0) -> Tensor:
+
+def sigmoid(
+    logp_c: Tensor,
+    logp_r: Tensor,
+    ref_logp_c: Optional[Tensor] = None,
+    ref_logp_r: Optional[Tensor] = None,
+    *,
+    len_c: Optional[Tensor] = None,
+    len_r: Optional[Tensor] = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 1.0,
+) -> Tensor:
     """DPO (Rafailov et al. 2023), with cDPO label smoothing ε (Mitchell 2023):
 
         L = −(1−ε)·log σ(β·h) − ε·log σ(−β·h),   h = (logp_c − ref_logp_c) − (logp_r − ref_logp_r)
@@ -166,13 +183,21 @@ def sigmoid(logp_c: Tensor, logp_r: Tensor, ref_logp_c: Optional[Tensor] = None,
     are replaced by f′(π/π_ref): h = f_log_ratio(logp_c, ref_logp_c) − f_log_ratio(logp_r, ref_logp_r).
     """
     _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "sigmoid")
-    h = (f_log_ratio(logp_c, ref_logp_c, f_divergence, f_alpha)
-         - f_log_ratio(logp_r, ref_logp_r, f_divergence, f_alpha))
+    h = f_log_ratio(logp_c, ref_logp_c, f_divergence, f_alpha) - f_log_ratio(logp_r, ref_logp_r, f_divergence, f_alpha)
     return _smoothed(beta * h, label_smoothing)
 
 
-def robust(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-           beta: float = 0.1, label_smoothing: float = 0.0) -> Tensor:
+def robust(
+    logp_c,
+    logp_r,
+    ref_logp_c=None,
+    ref_logp_r=None,
+    *,
+    len_c=None,
+    len_r=None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> Tensor:
     """rDPO (Chowdhury et al. 2024, "Provably Robust DPO"), for labels flipped at a known rate ε:
 
         L = [(1−ε)·(−log σ(β·h)) − ε·(−log σ(−β·h))] / (1 − 2ε)
@@ -188,8 +213,17 @@ def robust(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_
     return ((1 - eps) * -F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
 
 
-def ipo(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-        beta: float = 0.1, ipo_normalize: bool = True) -> Tensor:
+def ipo(
+    logp_c,
+    logp_r,
+    ref_logp_c=None,
+    ref_logp_r=None,
+    *,
+    len_c=None,
+    len_r=None,
+    beta: float = 0.1,
+    ipo_normalize: bool = True,
+) -> Tensor:
     """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
     Preferences", eq. 17, τ = β):
 
@@ -203,37 +237,45 @@ def ipo(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=N
     return (d_c - d_r - 1 / (2 * beta)) ** 2
 
 
-def hinge(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-          beta: float = 0.1) -> Tensor:
+def hinge(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None, beta: float = 0.1) -> Tensor:
     """SLiC-HF calibration hinge (Zhao et al. 2023), reference-normalised as in RSO (Liu et al. 2023):
 
-        L = max(0, 1 − β·h)
+    L = max(0, 1 − β·h)
     """
     d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "hinge")
     return torch.relu(1 - beta * (d_c - d_r))
 
 
-def exo_pair(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-             beta: float = 0.1, label_smoothing: float = 1e-3) -> Tensor:
+def exo_pair(
+    logp_c,
+    logp_r,
+    ref_logp_c=None,
+    ref_logp_r=None,
+    *,
+    len_c=None,
+    len_r=None,
+    beta: float = 0.1,
+    label_smoothing: float = 1e-3,
+) -> Tensor:
     """EXO (Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment",
     eq. 16 with K = 2): the reverse KL from the model's pair distribution p = (σ(βh), σ(−βh)) to the
     smoothed label distribution q = (1−ε, ε):
 
         L = σ(βh)·(log σ(βh) − log(1−ε)) + σ(−βh)·(log σ(−βh) − log ε)
 
-    ε must be in (0, 1); ε = 0 is read as 1e-3 (as TRL does).
+    ε must be in (0, 1); ε = 0 is read as 1e-3, the paper's value (TRL 1.16 refuses ε = 0).
     """
     eps = label_smoothing or 1e-3
     if not 0 < eps < 1:
         raise ValueError(f"exo_pair: label_smoothing must be in (0, 1), found {eps}")
     d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "exo_pair")
     x = beta * (d_c - d_r)
-    return (torch.sigmoid(x) * (F.logsigmoid(x) - math.log(1 - eps))
-            + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
+    return torch.sigmoid(x) * (F.logsigmoid(x) - math.log(1 - eps)) + torch.sigmoid(-x) * (
+        F.logsigmoid(-x) - math.log(eps)
+    )
 
 
-def nca_pair(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-             beta: float = 0.1) -> Tensor:
+def nca_pair(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None, beta: float = 0.1) -> Tensor:
     """NCA (Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit
     Rewards"), pairwise form with rewards r = β·Δ:
 
@@ -242,12 +284,20 @@ def nca_pair(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, le
     Unlike DPO it optimises the absolute likelihood of chosen, not only the margin.
     """
     d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "nca_pair")
-    return (-F.logsigmoid(beta * d_c) - 0.5 * F.logsigmoid(-beta * d_c)
-            - 0.5 * F.logsigmoid(-beta * d_r))
+    return -F.logsigmoid(beta * d_c) - 0.5 * F.logsigmoid(-beta * d_c) - 0.5 * F.logsigmoid(-beta * d_r)
 
 
-def bco_pair(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-             beta: float = 0.1, state: Optional[BCOState] = None) -> Tensor:
+def bco_pair(
+    logp_c,
+    logp_r,
+    ref_logp_c=None,
+    ref_logp_r=None,
+    *,
+    len_c=None,
+    len_r=None,
+    beta: float = 0.1,
+    state: Optional[BCOState] = None,
+) -> Tensor:
     """BCO on pairs (Jung et al. 2024, "Binary Classifier Optimization for LLM Alignment"): chosen
     and rejected are classified as good / bad with the implicit reward shifted by δ:
 
@@ -262,8 +312,7 @@ def bco_pair(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, le
     return -F.logsigmoid(r_c - delta) - F.logsigmoid(-(r_r - delta))
 
 
-def sppo_hard(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-              beta: float = 0.1) -> Tensor:
+def sppo_hard(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None, beta: float = 0.1) -> Tensor:
     """SPPO with hard win probabilities (Wu et al. 2024, "Self-Play Preference Optimization",
     eq. 4.7 with P(y_w ≻ π) = 1, P(y_l ≻ π) = 0, η = 1/β):
 
@@ -273,8 +322,17 @@ def sppo_hard(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, l
     return (d_c - 0.5 / beta) ** 2 + (d_r + 0.5 / beta) ** 2
 
 
-def aot(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-        beta: float = 0.1, label_smoothing: float = 0.0) -> Tensor:
+def aot(
+    logp_c,
+    logp_r,
+    ref_logp_c=None,
+    ref_logp_r=None,
+    *,
+    len_c=None,
+    len_r=None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> Tensor:
     """AOT, paired (Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal
     Transport"): first-order stochastic dominance of the policy's log-odds over the reference's,
     enforced on the sorted batch (the 1-D optimal-transport coupling):
@@ -290,8 +348,17 @@ def aot(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=N
     return _smoothed(beta * (a - b), label_smoothing)
 
 
-def aot_pair(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-             beta: float = 0.1, label_smoothing: float = 0.0) -> Tensor:
+def aot_pair(
+    logp_c,
+    logp_r,
+    ref_logp_c=None,
+    ref_logp_r=None,
+    *,
+    len_c=None,
+    len_r=None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> Tensor:
     """AOT, unpaired form (Melnyk et al. 2024): the distribution of chosen log-ratios must dominate
     that of rejected log-ratios; chosen and rejected are sorted independently:
 
@@ -306,8 +373,7 @@ def aot_pair(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, le
     return _smoothed(beta * (a - b), label_smoothing)
 
 
-def apo_zero(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-             beta: float = 0.1) -> Tensor:
+def apo_zero(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None, beta: float = 0.1) -> Tensor:
     """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive
     Revisions", eq. 7): raise chosen, lower rejected, each anchored to the reference:
 
@@ -319,8 +385,7 @@ def apo_zero(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, le
     return (1 - torch.sigmoid(beta * d_c)) + torch.sigmoid(beta * d_r)
 
 
-def apo_down(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-             beta: float = 0.1) -> Tensor:
+def apo_down(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None, beta: float = 0.1) -> Tensor:
     """APO-down (D'Oosterlinck et al. 2024, eq. 8): lower chosen, and lower rejected more:
 
         L = σ(β·Δ_c) + (1 − σ(β·(Δ_c − Δ_r)))
@@ -331,8 +396,17 @@ def apo_down(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, le
     return torch.sigmoid(beta * d_c) + (1 - torch.sigmoid(beta * (d_c - d_r)))
 
 
-def discopop(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-             beta: float = 0.1, discopop_tau: float = 0.05) -> Tensor:
+def discopop(
+    logp_c,
+    logp_r,
+    ref_logp_c=None,
+    ref_logp_r=None,
+    *,
+    len_c=None,
+    len_r=None,
+    beta: float = 0.1,
+    discopop_tau: float = 0.05,
+) -> Tensor:
     """DiscoPOP / log-ratio modulated loss (Chris Lu et al. 2024, "Discovering Preference
     Optimization Algorithms with and for Large Language Models", eq. 5), x = β·h:
 
@@ -343,12 +417,12 @@ def discopop(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, le
     """
     d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "discopop")
     x = beta * (d_c - d_r)
-    return (torch.sigmoid(-x / discopop_tau) * -F.logsigmoid(x)
-            + torch.exp(F.logsigmoid(x / discopop_tau) - x))
+    return torch.sigmoid(-x / discopop_tau) * -F.logsigmoid(x) + torch.exp(F.logsigmoid(x / discopop_tau) - x)
 
 
-def sigmoid_norm(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-                 beta: float = 5.0) -> Tensor:
+def sigmoid_norm(
+    logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None, beta: float = 5.0
+) -> Tensor:
     """Length-normalised DPO (the per-token form used e.g. by Tülu 3, Lambert et al. 2024):
 
         L = −log σ(β·(Δ_c/len_c − Δ_r/len_r))
@@ -365,17 +439,28 @@ def sigmoid_norm(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None
 # paired, reference-free
 # --------------------------------------------------------------------------------------------
 
-def sigmoid_ref_free(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-                     beta: float = 0.1, label_smoothing: float = 0.0) -> Tensor:
+
+def sigmoid_ref_free(
+    logp_c,
+    logp_r,
+    ref_logp_c=None,
+    ref_logp_r=None,
+    *,
+    len_c=None,
+    len_r=None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> Tensor:
     """Reference-free DPO (DPO with a uniform reference; Rafailov et al. 2023, `reference_free`):
 
-        L = −(1−ε)·log σ(β·(logp_c − logp_r)) − ε·log σ(−β·(logp_c − logp_r))
+    L = −(1−ε)·log σ(β·(logp_c − logp_r)) − ε·log σ(−β·(logp_c − logp_r))
     """
     return _smoothed(beta * (logp_c - logp_r), label_smoothing)
 
 
-def simpo(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-          beta: float = 2.0, gamma: float = 1.0) -> Tensor:
+def simpo(
+    logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None, beta: float = 2.0, gamma: float = 1.0
+) -> Tensor:
     """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free
     Reward", eq. 6), γ an absolute target margin as in the paper:
 
@@ -386,8 +471,9 @@ def simpo(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r
     return -F.logsigmoid(beta * logp_c / n_c - beta * logp_r / n_r - gamma)
 
 
-def cpo(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-        beta: float = 0.1, alpha: float = 1.0) -> Tensor:
+def cpo(
+    logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None, beta: float = 0.1, alpha: float = 1.0
+) -> Tensor:
     """CPO (Xu et al. 2024, "Contrastive Preference Optimization", eq. 6): reference-free DPO plus
     a behaviour-cloning NLL on chosen:
 
@@ -399,8 +485,9 @@ def cpo(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=N
     return out
 
 
-def orpo(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-         orpo_lambda: float = 0.1) -> Tensor:
+def orpo(
+    logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None, orpo_lambda: float = 0.1
+) -> Tensor:
     """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference
     Model", eq. 6–7), odds from per-token average log-probs m = logp/len:
 
@@ -418,7 +505,7 @@ def orpo(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=
 def sft(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None) -> Tensor:
     """Supervised fine-tuning on the chosen response (the generation term of MPO):
 
-        L = NLL = −logp_c/len_c
+    L = NLL = −logp_c/len_c
     """
     return nll(logp_c, len_c, "sft")
 
@@ -427,16 +514,26 @@ def sft(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=N
 # unpaired losses: one completion per example, label True = desirable
 # --------------------------------------------------------------------------------------------
 
+
 def _kto_z0(kl_logp, kl_ref_logp) -> Union[Tensor, float]:
     if kl_logp is None or kl_ref_logp is None:
         return 0.0
     return (kl_logp - kl_ref_logp).mean().clamp(min=0).detach()
 
 
-def kto(logp: Tensor, ref_logp: Tensor, label: Tensor, *, kl_logp: Optional[Tensor] = None,
-        kl_ref_logp: Optional[Tensor] = None, len: Optional[Tensor] = None, beta: float = 0.1,
-        desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-        state=None) -> Tensor:
+def kto(
+    logp: Tensor,
+    ref_logp: Tensor,
+    label: Tensor,
+    *,
+    kl_logp: Optional[Tensor] = None,
+    kl_ref_logp: Optional[Tensor] = None,
+    len: Optional[Tensor] = None,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    state=None,
+) -> Tensor:
     """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization"),
     Δ = logp − ref_logp:
 
@@ -455,9 +552,17 @@ def kto(logp: Tensor, ref_logp: Tensor, label: Tensor, *, kl_logp: Optional[Tens
     return torch.where(label, good, bad)
 
 
-def bco(logp: Tensor, ref_logp: Tensor, label: Tensor, *, kl_logp: Optional[Tensor] = None,
-        kl_ref_logp: Optional[Tensor] = None, len: Optional[Tensor] = None, beta: float = 0.1,
-        state: Optional[BCOState] = None) -> Tensor:
+def bco(
+    logp: Tensor,
+    ref_logp: Tensor,
+    label: Tensor,
+    *,
+    kl_logp: Optional[Tensor] = None,
+    kl_ref_logp: Optional[Tensor] = None,
+    len: Optional[Tensor] = None,
+    beta: float = 0.1,
+    state: Optional[BCOState] = None,
+) -> Tensor:
     """BCO (Jung et al. 2024, "Binary Classifier Optimization for LLM Alignment"), reward
     r = β·(logp − ref_logp), shifted by δ:
 
@@ -474,11 +579,19 @@ def bco(logp: Tensor, ref_logp: Tensor, label: Tensor, *, kl_logp: Optional[Tens
     return torch.where(label, -F.logsigmoid(r - delta), -F.logsigmoid(-(r - delta)))
 
 
-def apo_zero_unpaired(logp: Tensor, ref_logp: Tensor, label: Tensor, *,
-                      kl_logp: Optional[Tensor] = None, kl_ref_logp: Optional[Tensor] = None,
-                      len: Optional[Tensor] = None, beta: float = 0.1,
-                      desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-                      state=None) -> Tensor:
+def apo_zero_unpaired(
+    logp: Tensor,
+    ref_logp: Tensor,
+    label: Tensor,
+    *,
+    kl_logp: Optional[Tensor] = None,
+    kl_ref_logp: Optional[Tensor] = None,
+    len: Optional[Tensor] = None,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    state=None,
+) -> Tensor:
     """APO-zero on unpaired labels (D'Oosterlinck et al. 2024, eq. 7 split per example),
     Δ = logp − ref_logp:
 
@@ -494,6 +607,7 @@ def apo_zero_unpaired(logp: Tensor, ref_logp: Tensor, label: Tensor, *,
 # modifiers
 # --------------------------------------------------------------------------------------------
 
+
 def with_nll(base_fn: Callable[..., Tensor], rpo_alpha: float = 1.0) -> Callable[..., Tensor]:
     """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): a paired loss plus an
     NLL term on chosen,
@@ -504,8 +618,17 @@ def with_nll(base_fn: Callable[..., Tensor], rpo_alpha: float = 1.0) -> Callable
     (default: the value given here).
     """
 
-    def fn(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-           rpo_alpha: float = rpo_alpha, **hyper):
+    def fn(
+        logp_c,
+        logp_r,
+        ref_logp_c=None,
+        ref_logp_r=None,
+        *,
+        len_c=None,
+        len_r=None,
+        rpo_alpha: float = rpo_alpha,
+        **hyper,
+    ):
         out = base_fn(logp_c, logp_r, ref_logp_c, ref_logp_r, len_c=len_c, len_r=len_r, **hyper)
         if rpo_alpha:
             out = out + rpo_alpha * nll(logp_c, len_c, "rpo")
@@ -516,14 +639,23 @@ def with_nll(base_fn: Callable[..., Tensor], rpo_alpha: float = 1.0) -> Callable
     at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
     fn.__signature__ = inspect.Signature(params[:at] + [extra] + params[at:])
     fn.__name__ = f"{getattr(base_fn, '__name__', 'loss')}_with_nll"
-    fn.__doc__ = (f"{getattr(base_fn, '__name__', 'loss')} + rpo_alpha·NLL (RPO, Pang et al. 2024):\n\n"
-                  f"    L = L_base + rpo_alpha·(−logp_c/len_c)\n\nbase:\n{base_fn.__doc__ or ''}")
+    fn.__doc__ = (
+        f"{getattr(base_fn, '__name__', 'loss')} + rpo_alpha·NLL (RPO, Pang et al. 2024):\n\n"
+        f"    L = L_base + rpo_alpha·(−logp_c/len_c)\n\nbase:\n{base_fn.__doc__ or ''}"
+    )
     return fn
 
 
-def wpo_weights(logp_c: Tensor, logp_r: Tensor, len_c: Tensor, len_r: Tensor, *,
-                sq_mass_c: Optional[Tensor] = None, sq_mass_r: Optional[Tensor] = None,
-                clamp_max: float = 1.0) -> Tensor:
+def wpo_weights(
+    logp_c: Tensor,
+    logp_r: Tensor,
+    len_c: Tensor,
+    len_r: Tensor,
+    *,
+    sq_mass_c: Optional[Tensor] = None,
+    sq_mass_r: Optional[Tensor] = None,
+    clamp_max: float = 1.0,
+) -> Tensor:
     """WPO pair weights (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference
     Optimization", eq. 2), detached:
 
@@ -562,75 +694,109 @@ def ld_logps(logp_prefix: Tensor, logp_excess: Tensor, ld_alpha: float) -> Tenso
 # registry
 # --------------------------------------------------------------------------------------------
 
+NOT_HYPERPARAMETERS = ("ref_logp_c", "ref_logp_r", "len_c", "len_r", "state", "kl_logp", "kl_ref_logp", "len")
+
+
+def signature_defaults(fn: Callable[..., Tensor]) -> dict:
+    """The hyperparameters of loss function `fn` with their defaults, read from its signature (the
+    one place a default is written)."""
+    return {
+        k: p.default
+        for k, p in inspect.signature(fn).parameters.items()
+        if p.default is not inspect.Parameter.empty and k not in NOT_HYPERPARAMETERS
+    }
+
+
 @dataclass(frozen=True)
 class LossSpec:
-    """What a loss needs and which hyperparameters (keys of LossConfig, with defaults) it takes."""
+    """Every trait of a loss that the rest of prefopt reads: what it needs, what it computes, and
+    the form of its implicit reward (see `implicit_rewards`)."""
 
     name: str
     fn: Callable[..., Tensor]
     needs_reference: bool = True  # needs ref log-probs (ref_logp_c / ref_logp_r, or ref_logp)
     paired: bool = True  # True: chosen/rejected pairs; False: unpaired good/bad labels
-    needs_lengths: bool = False  # needs token counts (len_c / len_r, or len)
-    needs_nll: bool = False  # includes an NLL/SFT term on chosen, −logp_c/len_c
-    hyperparameters: dict = field(default_factory=lambda: {"beta": 0.1}, compare=False)
-    summary: str = ""
+    # hyperparameter -> default, from fn's signature (a combined loss: the union of its parts')
+    hyperparameters: dict = field(default_factory=dict, compare=False)
     stateful: bool = False  # takes `state=` (a BCOState kept by the caller across steps)
+    kl_baseline: bool = False  # unpaired: needs mismatched completions for the KL estimate z0 (KTO)
+    per_pair: bool = True  # False: its per-example losses are order statistics (AOT), not one per pair
+    # the implicit reward is per token, β/|y|·(log π − log π_ref), rather than summed: True, False, or
+    # the name of the boolean hyperparameter that decides (IPO's ipo_normalize)
+    per_token_reward: Union[bool, str] = False
+
+    def reward_is_per_token(self, hyper: Optional[dict] = None) -> bool:
+        """Whether the implicit reward is per token under hyperparameters `hyper` (defaults if None)."""
+        if isinstance(self.per_token_reward, str):
+            values = {**self.hyperparameters, **(hyper or {})}
+            return values[self.per_token_reward] is not False
+        return self.per_token_reward
 
 
-def _spec(name, fn, *, ref=True, paired=True, lengths=False, nll_term=False, summary="",
-          stateful=False, **hyper) -> LossSpec:
-    return LossSpec(name, fn, needs_reference=ref, paired=paired, needs_lengths=lengths,
-                    needs_nll=nll_term, hyperparameters=dict(hyper), summary=summary,
-                    stateful=stateful)
+def _spec(name, fn, **traits) -> LossSpec:
+    return LossSpec(name, fn, hyperparameters=signature_defaults(fn), **traits)
+
+
+def implicit_rewards(
+    spec: LossSpec, hyper: dict, logps: Tensor, ref_logps: Optional[Tensor], lengths: Tensor
+) -> Tensor:
+    """The implicit reward of each response under loss `spec` with hyperparameters `hyper` — one
+    definition for the training log, the failure monitor and `prefopt eval` alike:
+
+        r = β·(log π − log π_ref)          losses with a reference (DPO, KTO, ...)
+        r = β·log π                        reference-free losses (CPO, ORPO, ...)
+        r = β/|y|·(...)                    losses whose margin is per token (SimPO, sigmoid_norm, IPO)
+
+    β is hyper["beta"] (1 for a loss without one); `lengths` are the response token counts.
+    Returned in the dtype of `logps`.
+    """
+    x = logps
+    if spec.needs_reference and ref_logps is not None:
+        x = x - ref_logps.to(x.dtype)
+    if spec.reward_is_per_token(hyper):
+        x = x / lengths.to(x.dtype).clamp(min=1)
+    return reward_scale(hyper) * x
+
+
+def reward_scale(hyper: dict) -> float:
+    """β of the implicit reward: hyper["beta"], or 1 for a loss without one."""
+    beta = hyper.get("beta")
+    return 1.0 if beta is None else float(beta)
+
+
+def reward_formula(spec: LossSpec, hyper: dict) -> str:
+    """The implicit reward of `spec` as text, e.g. "β·(log π − log π_ref)"."""
+    scale = "β/|y|" if spec.reward_is_per_token(hyper) else "β"
+    return f"{scale}·(log π − log π_ref)" if spec.needs_reference else f"{scale}·log π"
 
 
 rpo = with_nll(sigmoid, rpo_alpha=1.0)
 rpo.__name__ = "rpo"
 
 _SPECS = [
-    _spec("sigmoid", sigmoid, beta=0.1, label_smoothing=0.0, f_divergence="reverse_kl", f_alpha=1.0,
-          summary="DPO; cDPO with label_smoothing; f-DPO with f_divergence"),
-    _spec("robust", robust, beta=0.1, label_smoothing=0.0,
-          summary="rDPO: unbiased DPO under labels flipped at known rate label_smoothing"),
-    _spec("ipo", ipo, lengths=True, beta=0.1, ipo_normalize=True,
-          summary="IPO: squared loss to the margin 1/(2β), per-token log-ratios by default"),
-    _spec("hinge", hinge, beta=0.1, summary="SLiC/RSO hinge on the reference-normalised margin"),
-    _spec("exo_pair", exo_pair, beta=0.1, label_smoothing=1e-3,
-          summary="EXO: reverse KL to smoothed labels (mode-seeking)"),
-    _spec("nca_pair", nca_pair, beta=0.1, summary="NCA: absolute-likelihood contrastive loss"),
-    _spec("bco_pair", bco_pair, beta=0.1, stateful=True,
-          summary="BCO on pairs: chosen good / rejected bad classifier with reward shift δ"),
-    _spec("sppo_hard", sppo_hard, beta=0.1,
-          summary="SPPO with hard win rates: squared loss on each log-ratio"),
-    _spec("aot", aot, beta=0.1, label_smoothing=0.0,
-          summary="AOT paired: sorted policy log-odds dominate sorted reference log-odds"),
-    _spec("aot_pair", aot_pair, beta=0.1, label_smoothing=0.0,
-          summary="AOT unpaired form: sorted chosen log-ratios dominate sorted rejected ones"),
-    _spec("apo_zero", apo_zero, beta=0.1, summary="APO-zero: raise chosen, lower rejected (anchored)"),
-    _spec("apo_down", apo_down, beta=0.1, summary="APO-down: lower chosen, lower rejected more"),
-    _spec("discopop", discopop, beta=0.1, discopop_tau=0.05,
-          summary="DiscoPOP: logistic/exponential blend modulated by the margin"),
-    _spec("sigmoid_norm", sigmoid_norm, lengths=True, beta=5.0,
-          summary="length-normalised DPO on per-token log-ratios"),
-    _spec("sigmoid_ref_free", sigmoid_ref_free, ref=False, beta=0.1, label_smoothing=0.0,
-          summary="DPO with a uniform reference (no reference model)"),
-    _spec("simpo", simpo, ref=False, lengths=True, beta=2.0, gamma=1.0,
-          summary="SimPO: per-token average log-prob margin above γ, no reference"),
-    _spec("cpo", cpo, ref=False, lengths=True, nll_term=True, beta=0.1, alpha=1.0,
-          summary="CPO: reference-free DPO + α·NLL"),
-    _spec("orpo", orpo, ref=False, lengths=True, nll_term=True, orpo_lambda=0.1,
-          summary="ORPO: NLL + λ·odds-ratio loss, no reference"),
-    _spec("sft", sft, ref=False, lengths=True, nll_term=True,
-          summary="NLL on chosen only (MPO's generation term)"),
-    _spec("rpo", rpo, lengths=True, nll_term=True, beta=0.1, label_smoothing=0.0,
-          f_divergence="reverse_kl", f_alpha=1.0, rpo_alpha=1.0,
-          summary="RPO: DPO + rpo_alpha·NLL on chosen"),
-    _spec("kto", kto, paired=False, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0,
-          summary="KTO: unpaired desirable/undesirable labels, prospect-theoretic value"),
-    _spec("bco", bco, paired=False, beta=0.1, stateful=True,
-          summary="BCO: unpaired binary classifier with running reward shift δ"),
-    _spec("apo_zero_unpaired", apo_zero_unpaired, paired=False, beta=0.1, desirable_weight=1.0,
-          undesirable_weight=1.0, summary="APO-zero on unpaired labels"),
+    _spec("sigmoid", sigmoid),
+    _spec("robust", robust),
+    _spec("ipo", ipo, per_token_reward="ipo_normalize"),
+    _spec("hinge", hinge),
+    _spec("exo_pair", exo_pair),
+    _spec("nca_pair", nca_pair),
+    _spec("bco_pair", bco_pair, stateful=True),
+    _spec("sppo_hard", sppo_hard),
+    _spec("aot", aot, per_pair=False),
+    _spec("aot_pair", aot_pair, per_pair=False),
+    _spec("apo_zero", apo_zero),
+    _spec("apo_down", apo_down),
+    _spec("discopop", discopop),
+    _spec("sigmoid_norm", sigmoid_norm, per_token_reward=True),
+    _spec("sigmoid_ref_free", sigmoid_ref_free, needs_reference=False),
+    _spec("simpo", simpo, needs_reference=False, per_token_reward=True),
+    _spec("cpo", cpo, needs_reference=False),
+    _spec("orpo", orpo, needs_reference=False),
+    _spec("sft", sft, needs_reference=False),
+    _spec("rpo", rpo),
+    _spec("kto", kto, paired=False, kl_baseline=True),
+    _spec("bco", bco, paired=False, stateful=True),
+    _spec("apo_zero_unpaired", apo_zero_unpaired, paired=False),
 ]
 
 REGISTRY: dict[str, LossSpec] = {s.name: s for s in _SPECS}
@@ -654,17 +820,20 @@ def get(name: str) -> LossSpec:
     otherwise)."""
     key = ALIASES.get(name, name)
     if key not in REGISTRY:
-        raise KeyError(f"unknown loss '{name}'; known: {', '.join(sorted(REGISTRY))} "
-                       f"(aliases: {', '.join(sorted(ALIASES))})")
+        raise KeyError(
+            f"unknown loss '{name}'; known: {', '.join(sorted(REGISTRY))} (aliases: {', '.join(sorted(ALIASES))})"
+        )
     return REGISTRY[key]
 
 
 def names(paired: Optional[bool] = None, needs_reference: Optional[bool] = None) -> list[str]:
     """Sorted names of the registered losses, optionally only the paired / unpaired ones and only
     those that do / do not need a reference model."""
-    return sorted(n for n, s in REGISTRY.items()
-                  if (paired is None or s.paired == paired)
-                  and (needs_reference is None or s.needs_reference == needs_reference))
+    return sorted(
+        n
+        for n, s in REGISTRY.items()
+        if (paired is None or s.paired == paired) and (needs_reference is None or s.needs_reference == needs_reference)
+    )
 
 
 def combine(parts: Iterable[tuple], name: Optional[str] = None) -> LossSpec:
@@ -691,8 +860,7 @@ def combine(parts: Iterable[tuple], name: Optional[str] = None) -> LossSpec:
             hyper.setdefault(k, v)
     stateful = any(s.stateful for s, _ in specs)
 
-    def fn(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None,
-           state=None, **kw):
+    def fn(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None, state=None, **kw):
         unknown = set(kw) - set(hyper)
         if unknown:
             raise TypeError(f"combined loss got unexpected hyperparameters {sorted(unknown)}")
@@ -701,19 +869,21 @@ def combine(parts: Iterable[tuple], name: Optional[str] = None) -> LossSpec:
             sub = {k: v for k, v in kw.items() if k in spec.hyperparameters}
             if spec.stateful:
                 sub["state"] = state
-            total = total + w * spec.fn(logp_c, logp_r, ref_logp_c, ref_logp_r,
-                                        len_c=len_c, len_r=len_r, **sub)
+            total = total + w * spec.fn(logp_c, logp_r, ref_logp_c, ref_logp_r, len_c=len_c, len_r=len_r, **sub)
         return total
 
     label = " + ".join(f"{w:g}·{s.name}" for s, w in specs)
     fn.__name__ = name or "combined"
     fn.__doc__ = f"Weighted sum of paired losses (MPO-style):\n\n    L = {label}\n"
     return LossSpec(
-        name or label, fn,
-        needs_reference=any(s.needs_reference for s, _ in specs), paired=True,
-        needs_lengths=any(s.needs_lengths for s, _ in specs),
-        needs_nll=any(s.needs_nll for s, _ in specs), hyperparameters=hyper,
-        summary=f"weighted sum {label}", stateful=stateful)
+        name or label,
+        fn,
+        needs_reference=any(s.needs_reference for s, _ in specs),
+        paired=True,
+        hyperparameters=hyper,
+        stateful=stateful,
+        per_pair=all(s.per_pair for s, _ in specs),
+    )
 
 
 REGISTRY["mpo"] = combine([("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0)], name="mpo")

@@ -4,8 +4,9 @@ One pass reads every record with the configured options (bad records are collect
 tokenizes each example with the configured tokenizer without truncation, and reports: the shape,
 counts, token-length distributions, what data.max_length would truncate or drop, duplicates,
 chosen == rejected, empty responses, role markers inside responses, transcripts that diverge
-before the last turn, text the tokenizer cannot reproduce, and length bias (how often chosen is the longer response). The data is
-usable when at least one example survives and no record is bad (or data.on_bad_record is skip).
+before the last turn, text the tokenizer cannot reproduce, and length bias (how often chosen is
+the longer response). The data is usable when at least one example survives and no record is bad
+(or data.on_bad_record is skip).
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ import dataclasses
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 
-from ..errors import PrefoptError
-from . import formats
-from .tokenize import PairTokenizer
+from prefopt.data import formats
+from prefopt.data.tokenize import PairTokenizer
+from prefopt.errors import PrefoptError
 
 # Turn markers that do not belong inside a single response.
-ROLE_MARKERS = re.compile(r"(\n\n(Human|Assistant|User|System):|<\|im_start\|>|<\|im_end\|>|\[/?INST\]|"
-                          r"<\|(start_header_id|eot_id|user|assistant|system)\|>|^(Human|User|Assistant):)",
-                          re.MULTILINE)
+ROLE_MARKERS = re.compile(
+    r"(\n\n(Human|Assistant|User|System):|<\|im_start\|>|<\|im_end\|>|\[/?INST\]|"
+    r"<\|(start_header_id|eot_id|user|assistant|system)\|>|^(Human|User|Assistant):)",
+    re.MULTILINE,
+)
 
 
 def _text_of(x) -> str:
@@ -43,8 +47,181 @@ def _dist(values: list[int]) -> dict:
     def q(p):
         return v[min(len(v) - 1, int(round(p * (len(v) - 1))))]
 
-    return {"min": v[0], "mean": round(sum(v) / len(v), 1), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99),
-            "max": v[-1]}
+    return {"min": v[0], "mean": round(sum(v) / len(v), 1), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": v[-1]}
+
+
+@dataclass
+class _Tokens:
+    """What tokenizing every example without truncation found."""
+
+    names: tuple  # the response fields: ("chosen", "rejected") or ("completion",)
+    lengths: dict  # "prompt" and each response field -> token counts, one per tokenized example
+    errors: Counter = field(default_factory=Counter)  # tokenization error -> count
+    lossy: list = field(default_factory=list)  # where of string examples the tokenizer cannot reproduce
+    prompts_cut: int = 0  # prompts the configured truncation rule would shorten
+    chosen_longer: int = 0
+    ties: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+    @property
+    def count(self) -> int:
+        """Examples tokenized."""
+        return len(self.lengths["prompt"])
+
+
+def _reproduced(tokenizer, item, ex: dict, names: tuple) -> bool:
+    """decode(encode(text)) == text for the prompt and each response of a string example."""
+    texts = [(item.prompt, ex["prompt_ids"])] + [(getattr(item, n), ex[f"{n}_ids"][:-1]) for n in names]
+    return all(tokenizer.decode(ids, clean_up_tokenization_spaces=False) == t for t, ids in texts)
+
+
+def _count_lengths(tokens: _Tokens, ex: dict, fitter: PairTokenizer) -> None:
+    """Record one tokenized example's lengths, and whether the truncation rule would cut its prompt."""
+    p = len(ex["prompt_ids"])
+    rs = [len(ex[f"{n}_ids"]) for n in tokens.names]
+    tokens.lengths["prompt"].append(p)
+    for n, r in zip(tokens.names, rs):
+        tokens.lengths[n].append(r)
+    fitted = fitter.fit(ex["prompt_ids"], [ex[f"{n}_ids"] for n in tokens.names])
+    tokens.prompts_cut += fitted is not None and len(fitted[0]) < p
+    if len(rs) == 2:  # a pair: chosen, rejected
+        tokens.chosen_longer += rs[0] > rs[1]
+        tokens.ties += rs[0] == rs[1]
+
+
+def _tokenize_all(items: list, names: tuple, data_cfg, tokenizer) -> _Tokens:
+    """Tokenize every example without truncation, and apply the configured truncation rule to count its effect."""
+    pt = PairTokenizer(tokenizer, max_length=10**9, max_prompt_length=10**9 - 1, chat_template=data_cfg.chat_template)
+    # the configured truncation rule, applied by the same code as in training (its stats count truncations)
+    fitter = PairTokenizer(tokenizer, data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.truncation)
+    tokens = _Tokens(names, {"prompt": [], **{n: [] for n in names}})
+    for it in items:
+        try:
+            ex = pt(it)
+        except PrefoptError as e:
+            tokens.errors[str(e).split(": ", 1)[-1]] += 1
+            continue
+        if not it.conversational and not _reproduced(tokenizer, it, ex, names):
+            tokens.lossy.append(it.where)
+        _count_lengths(tokens, ex, fitter)
+    tokens.truncated, tokens.dropped = fitter.stats.truncated, fitter.stats.dropped_too_long
+    return tokens
+
+
+def _counts(loaded: formats.Loaded) -> dict:
+    """Shape, records, examples, skips (and labels, for unpaired data)."""
+    out = {
+        "shape": loaded.shape,
+        "records": loaded.records,
+        "examples": len(loaded.items),
+        "skipped": dict(loaded.skipped),
+        "skipped_first": dict(loaded.examples),
+    }
+    if not loaded.paired:
+        labels = Counter(it.label for it in loaded.items)
+        out["labels"] = {"desirable": labels[True], "undesirable": labels[False]}
+    return out
+
+
+def _content(loaded: formats.Loaded, names: tuple) -> dict:
+    """Duplicates, chosen == rejected, empty responses, diverging transcripts, role markers in responses."""
+    items = loaded.items
+    keys = Counter(_key(it) for it in items)
+    out = {
+        "duplicates": sum(n - 1 for n in keys.values() if n > 1),
+        "chosen_equals_rejected": loaded.skipped.get(formats.SAME_RESPONSES, 0),
+        "empty_responses": loaded.skipped.get("empty response", 0),
+        "diverge_before_last_turn": loaded.skipped.get("transcripts diverge before the last turn", 0),
+    }
+    marked = [it.where for it in items if any(ROLE_MARKERS.search(_text_of(getattr(it, n))) for n in names)]
+    out["role_markers_in_responses"] = len(marked)
+    if marked:
+        out["role_markers_first"] = marked[:3]
+    return out
+
+
+def _token_report(tokens: _Tokens, data_cfg) -> dict:
+    """Token-length distributions, what max_length would do, and length bias (pairs only)."""
+    out: dict = {"token_lengths": {n: _dist(v) for n, v in tokens.lengths.items()}}
+    out["not_reproduced_by_tokenizer"] = len(tokens.lossy)
+    if tokens.lossy:
+        out["not_reproduced_first"] = tokens.lossy[:3]
+    if tokens.errors:
+        out["tokenization_errors"] = dict(tokens.errors)
+    out["max_length"] = {
+        "max_length": data_cfg.max_length,
+        "max_prompt_length": data_cfg.max_prompt_length,
+        "truncation": data_cfg.truncation,
+        "would_truncate": tokens.truncated,
+        "prompts_cut": tokens.prompts_cut,
+        "would_drop": tokens.dropped,
+    }
+    if len(tokens.names) == 2 and tokens.count:
+        out["length_bias"] = {
+            "chosen_longer": round(tokens.chosen_longer / tokens.count, 3),
+            "same_length": round(tokens.ties / tokens.count, 3),
+        }
+    return out
+
+
+def _bad_records(loaded: formats.Loaded) -> int:
+    return sum(n for r, n in loaded.skipped.items() if r not in formats.BENIGN_SKIPS)
+
+
+def _problems(loaded: formats.Loaded, tokens: _Tokens, data_cfg) -> list[str]:
+    """What makes the data unusable as configured."""
+    bad_records = _bad_records(loaded)
+    problems = []
+    if bad_records and data_cfg.on_bad_record == "error":
+        problems.append(
+            f"{bad_records} bad record(s): training stops at the first (data.on_bad_record: skip "
+            "would skip them, counted)"
+        )
+    if tokens.errors:
+        problems.append(f"{sum(tokens.errors.values())} example(s) cannot be tokenized")
+    if tokens.count - tokens.dropped == 0:
+        problems.append("no example is left to train on")
+    return problems
+
+
+def _warnings(report: dict, loaded: formats.Loaded, tokens: _Tokens, data_cfg) -> list[str]:
+    """What training would survive but should be looked at."""
+    bad_records = _bad_records(loaded)
+    warnings = []
+    if bad_records and data_cfg.on_bad_record == "skip":
+        warnings.append(f"{bad_records} bad record(s) will be skipped")
+    for key, text in (
+        ("duplicates", "duplicate example(s)"),
+        ("chosen_equals_rejected", "pair(s) with chosen == rejected (skipped)"),
+        ("role_markers_in_responses", "response(s) containing role markers"),
+    ):
+        if report[key]:
+            warnings.append(f"{report[key]} {text}")
+    if tokens.lossy:
+        warnings.append(
+            f"{len(tokens.lossy)} example(s) hold characters the tokenizer drops or changes (decode(encode(text)) "
+            f"!= text), first: {tokens.lossy[0]}"
+        )
+    if tokens.truncated:
+        warnings.append(f"{tokens.truncated} example(s) exceed max_length {data_cfg.max_length} and will be truncated")
+    if tokens.dropped:
+        warnings.append(f"{tokens.dropped} example(s) exceed max_length {data_cfg.max_length} and will be dropped")
+    return warnings + _data_warnings(report, loaded, tokens)
+
+
+def _data_warnings(report: dict, loaded: formats.Loaded, tokens: _Tokens) -> list[str]:
+    """Length bias in pairs; a single label in unpaired data."""
+    warnings = []
+    lb = report.get("length_bias")
+    if lb and tokens.count >= 20 and not 0.3 <= lb["chosen_longer"] <= 0.7:
+        warnings.append(
+            f"length bias: chosen is the longer response in {lb['chosen_longer']:.0%} of pairs; a "
+            "policy can learn length instead of quality (consider loss.ld_alpha, or simpo/ipo)"
+        )
+    if not loaded.paired and loaded.items and min(report["labels"].values()) == 0:
+        warnings.append("every example has the same label; KTO needs both desirable and undesirable ones")
+    return warnings
 
 
 def check(source: str, data_cfg, tokenizer, *, tokenizer_name: str = "") -> dict:
@@ -56,102 +233,14 @@ def check(source: str, data_cfg, tokenizer, *, tokenizer_name: str = "") -> dict
     except PrefoptError as e:  # the file as a whole cannot be read
         report.update(usable=False, error=str(e))
         return report
-    items = loaded.items
-    unpaired = loaded.shape == "unpaired"
-    names = ("completion",) if unpaired else ("chosen", "rejected")
-    report.update(shape=loaded.shape, records=loaded.records, examples=len(items),
-                  skipped=dict(loaded.skipped), skipped_first=dict(loaded.examples))
-    if unpaired:
-        labels = Counter(it.label for it in items)
-        report["labels"] = {"desirable": labels[True], "undesirable": labels[False]}
-
-    # -- content checks --------------------------------------------------------------------------
-    keys = Counter(_key(it) for it in items)
-    report["duplicates"] = sum(n - 1 for n in keys.values() if n > 1)
-    report["chosen_equals_rejected"] = loaded.skipped.get(formats.SAME_RESPONSES, 0)
-    report["empty_responses"] = loaded.skipped.get("empty response", 0)
-    report["diverge_before_last_turn"] = loaded.skipped.get("transcripts diverge before the last turn", 0)
-    marked = [it.where for it in items if any(ROLE_MARKERS.search(_text_of(getattr(it, n))) for n in names)]
-    report["role_markers_in_responses"] = len(marked)
-    if marked:
-        report["role_markers_first"] = marked[:3]
-
-    # -- tokens ------------------------------------------------------------------------------------
-    pt = PairTokenizer(tokenizer, max_length=10**9, max_prompt_length=10**9 - 1,
-                       chat_template=data_cfg.chat_template)
-    # the configured truncation rule, applied by the same code as in training (its stats count truncations)
-    fitter = PairTokenizer(tokenizer, data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.truncation)
-    lengths: dict[str, list[int]] = {"prompt": [], **{n: [] for n in names}}
-    token_errors: Counter = Counter()
-    prompt_cut = chosen_longer = ties = 0
-    lossy: list[str] = []  # string examples the tokenizer cannot reproduce (characters it drops or mangles)
-    for it in items:
-        try:
-            ex = pt(it)
-        except PrefoptError as e:
-            token_errors[str(e).split(": ", 1)[-1]] += 1
-            continue
-        if not it.conversational:
-            texts = [(it.prompt, ex["prompt_ids"])] + [(getattr(it, n), ex[f"{n}_ids"][:-1]) for n in names]
-            if any(tokenizer.decode(ids, clean_up_tokenization_spaces=False) != t for t, ids in texts):
-                lossy.append(it.where)
-        p = len(ex["prompt_ids"])
-        rs = [len(ex[f"{n}_ids"]) for n in names]
-        lengths["prompt"].append(p)
-        for n, r in zip(names, rs):
-            lengths[n].append(r)
-        fitted = fitter.fit(ex["prompt_ids"], [ex[f"{n}_ids"] for n in names])
-        prompt_cut += fitted is not None and len(fitted[0]) < p
-        if not unpaired:
-            chosen_longer += rs[0] > rs[1]
-            ties += rs[0] == rs[1]
-    truncated, dropped = fitter.stats.truncated, fitter.stats.dropped_too_long
-    report["token_lengths"] = {n: _dist(v) for n, v in lengths.items()}
-    report["not_reproduced_by_tokenizer"] = len(lossy)
-    if lossy:
-        report["not_reproduced_first"] = lossy[:3]
-    if token_errors:
-        report["tokenization_errors"] = dict(token_errors)
-    report["max_length"] = {"max_length": data_cfg.max_length, "max_prompt_length": data_cfg.max_prompt_length,
-                            "truncation": data_cfg.truncation, "would_truncate": truncated,
-                            "prompts_cut": prompt_cut, "would_drop": dropped}
-    tokenized = len(lengths["prompt"])
-    if not unpaired and tokenized:
-        report["length_bias"] = {"chosen_longer": round(chosen_longer / tokenized, 3),
-                                 "same_length": round(ties / tokenized, 3)}
-
-    # -- verdict -----------------------------------------------------------------------------------
-    bad_records = sum(n for r, n in loaded.skipped.items() if r not in formats.BENIGN_SKIPS)
-    usable_items = tokenized - dropped
-    problems, warnings = [], []
-    if bad_records and data_cfg.on_bad_record == "error":
-        problems.append(f"{bad_records} bad record(s): training stops at the first (data.on_bad_record: skip "
-                        "would skip them, counted)")
-    if token_errors:
-        problems.append(f"{sum(token_errors.values())} example(s) cannot be tokenized")
-    if usable_items == 0:
-        problems.append("no example is left to train on")
-    if bad_records and data_cfg.on_bad_record == "skip":
-        warnings.append(f"{bad_records} bad record(s) will be skipped")
-    for key, text in (("duplicates", "duplicate example(s)"), ("chosen_equals_rejected", "pair(s) with chosen == "
-                      "rejected (skipped)"), ("role_markers_in_responses", "response(s) containing role markers")):
-        if report[key]:
-            warnings.append(f"{report[key]} {text}")
-    if lossy:
-        warnings.append(f"{len(lossy)} example(s) hold characters the tokenizer drops or changes (decode(encode(text)) "
-                        f"!= text), first: {lossy[0]}")
-    if truncated:
-        warnings.append(f"{truncated} example(s) exceed max_length {data_cfg.max_length} and will be truncated")
-    if dropped:
-        warnings.append(f"{dropped} example(s) exceed max_length {data_cfg.max_length} and will be dropped")
-    lb = report.get("length_bias")
-    if lb and tokenized >= 20 and not 0.3 <= lb["chosen_longer"] <= 0.7:
-        warnings.append(f"length bias: chosen is the longer response in {lb['chosen_longer']:.0%} of pairs; a "
-                        "policy can learn length instead of quality (consider loss.ld_alpha, or simpo/ipo)")
-    if unpaired and items and min(report["labels"].values()) == 0:
-        warnings.append("every example has the same label; KTO needs both desirable and undesirable ones")
-    report["problems"], report["warnings"] = problems, warnings
-    report["usable"] = not problems
+    names = ("chosen", "rejected") if loaded.paired else ("completion",)
+    report.update(_counts(loaded))
+    report.update(_content(loaded, names))
+    tokens = _tokenize_all(loaded.items, names, data_cfg, tokenizer)
+    report.update(_token_report(tokens, data_cfg))
+    report["problems"] = _problems(loaded, tokens, data_cfg)
+    report["warnings"] = _warnings(report, loaded, tokens, data_cfg)
+    report["usable"] = not report["problems"]
     return report
 
 
@@ -161,7 +250,7 @@ def format_report(r: dict) -> str:
     if "error" in r:
         lines += [f"  cannot read it: {r['error']}", "  verdict: NOT usable"]
         return "\n".join(lines)
-    what = "examples" if r["shape"] == "unpaired" else "pairs"
+    what = "pairs" if formats.is_paired(r["shape"]) else "examples"
     lines.append(f"  shape: {r['shape']}; {r['records']} records -> {r['examples']} {what}")
     if "labels" in r:
         lines.append(f"  labels: {r['labels']['desirable']} desirable, {r['labels']['undesirable']} undesirable")
@@ -170,19 +259,26 @@ def format_report(r: dict) -> str:
     lines.append(f"  token lengths ({r['tokenizer'] or 'tokenizer'}):")
     for name, d in r["token_lengths"].items():
         if d:
-            lines.append(f"    {name:<10} min {d['min']:>5}  mean {d['mean']:>7}  p50 {d['p50']:>5}  p90 {d['p90']:>5}"
-                         f"  p99 {d['p99']:>5}  max {d['max']:>5}")
+            lines.append(
+                f"    {name:<10} min {d['min']:>5}  mean {d['mean']:>7}  p50 {d['p50']:>5}  p90 {d['p90']:>5}"
+                f"  p99 {d['p99']:>5}  max {d['max']:>5}"
+            )
     m = r["max_length"]
-    lines.append(f"  max_length {m['max_length']} (prompt {m['max_prompt_length']}, {m['truncation']}): "
-                 f"{m['would_truncate']} truncated ({m['prompts_cut']} prompts cut), {m['would_drop']} dropped")
-    lines.append(f"  duplicates {r['duplicates']}; chosen == rejected {r['chosen_equals_rejected']}; empty responses "
-                 f"{r['empty_responses']}; role markers in responses {r['role_markers_in_responses']}; transcripts "
-                 f"diverging before the last turn {r['diverge_before_last_turn']}; text the tokenizer cannot reproduce "
-                 f"{r['not_reproduced_by_tokenizer']}")
+    lines.append(
+        f"  max_length {m['max_length']} (prompt {m['max_prompt_length']}, {m['truncation']}): "
+        f"{m['would_truncate']} truncated ({m['prompts_cut']} prompts cut), {m['would_drop']} dropped"
+    )
+    lines.append(
+        f"  duplicates {r['duplicates']}; chosen == rejected {r['chosen_equals_rejected']}; empty responses "
+        f"{r['empty_responses']}; role markers in responses {r['role_markers_in_responses']}; transcripts "
+        f"diverging before the last turn {r['diverge_before_last_turn']}; text the tokenizer cannot reproduce "
+        f"{r['not_reproduced_by_tokenizer']}"
+    )
     if "length_bias" in r:
         lb = r["length_bias"]
-        lines.append(f"  length bias: chosen longer in {lb['chosen_longer']:.1%} of pairs "
-                     f"(same length {lb['same_length']:.1%})")
+        lines.append(
+            f"  length bias: chosen longer in {lb['chosen_longer']:.1%} of pairs (same length {lb['same_length']:.1%})"
+        )
     for w in r["warnings"]:
         lines.append(f"  warning: {w}")
     for p in r["problems"]:

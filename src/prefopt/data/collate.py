@@ -19,7 +19,10 @@ the engine can sum the prefix log-probs separately; off by default (no extra wor
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
 
 def responses_of(example: dict) -> list[list[int]]:
     """[chosen, rejected] for a pair; [completion, mismatched KL completion] for an unpaired
@@ -32,6 +35,7 @@ def responses_of(example: dict) -> list[list[int]]:
 
 
 def row_length(example: dict, prefix_sharing: bool = True) -> int:
+    """Tokens in the row(s) of `example`: prompt + all responses with prefix sharing, else prompt + the longest."""
     resp = responses_of(example)
     p = len(example["prompt_ids"])
     return p + sum(len(r) for r in resp) if prefix_sharing else p + max(len(r) for r in resp)
@@ -40,8 +44,9 @@ def row_length(example: dict, prefix_sharing: bool = True) -> int:
 class Collator:
     """Callable for a DataLoader: list of examples -> batch dict of tensors."""
 
-    def __init__(self, pad_token_id: int, prefix_sharing: bool = True, pad_to_multiple_of: int = 1,
-                 ld_prefix: bool = False):
+    def __init__(
+        self, pad_token_id: int, prefix_sharing: bool = True, pad_to_multiple_of: int = 1, ld_prefix: bool = False
+    ):
         self.pad = pad_token_id
         self.prefix_sharing = prefix_sharing
         self.multiple = pad_to_multiple_of
@@ -62,61 +67,89 @@ class Collator:
                     yield i, [(0, ex["prompt_ids"], None), (1, r, i * K + k)]
 
     def __call__(self, examples: list[dict]) -> dict:
+        """Pack `examples` (token-id dicts from PairTokenizer) into one padded batch of tensors."""
         rows = list(self._rows(examples))
-        T = max(sum(len(ids) for _, ids, _ in segs) for _, segs in rows)
-        T = -(-T // self.multiple) * self.multiple
-        R = len(rows)
-        input_ids = torch.full((R, T), self.pad, dtype=torch.long)
-        position_ids = torch.zeros((R, T), dtype=torch.long)
-        doc_ids = torch.full((R, T), -1, dtype=torch.long)
-        branch_ids = torch.zeros((R, T), dtype=torch.long)
-        src, tgt, seq = [], [], []
-        ld = self.ld_prefix
-        if ld and "chosen_ids" not in examples[0]:
+        width = max(sum(len(ids) for _, ids, _ in segs) for _, segs in rows)
+        width = -(-width // self.multiple) * self.multiple
+        if self.ld_prefix and "chosen_ids" not in examples[0]:
             raise ValueError("ld_prefix (LD-DPO's shared-length split) needs pairs (chosen_ids, rejected_ids)")
-        prefix: list[bool] = []
+        packed = _Packed(len(rows), width, self.pad, self.ld_prefix)
         for r, (doc, segs) in enumerate(rows):
-            if ld:
+            shared = None
+            if self.ld_prefix:
                 shared = min(len(examples[doc]["chosen_ids"]), len(examples[doc]["rejected_ids"]))
-            t = 0
-            prompt_len = len(segs[0][1])
-            for branch, ids, s in segs:
-                n = len(ids)
-                input_ids[r, t:t + n] = torch.tensor(ids, dtype=torch.long)
-                doc_ids[r, t:t + n] = doc
-                branch_ids[r, t:t + n] = branch
-                if branch == 0:
-                    position_ids[r, t:t + n] = torch.arange(n)
-                else:
-                    position_ids[r, t:t + n] = torch.arange(prompt_len, prompt_len + n)
-                    # token j of this response is predicted by the hidden state before it:
-                    # the last prompt token for j = 0, else the previous response token.
-                    first_src = r * T + prompt_len - 1
-                    src.append(first_src)
-                    src.extend(range(r * T + t, r * T + t + n - 1))
-                    tgt.extend(ids)
-                    seq.extend([s] * n)
-                    if ld:
-                        k = min(n, shared)
-                        prefix.extend([True] * k + [False] * (n - k))
-                t += n
-            position_ids[r, t:] = torch.arange(T - t)  # padding: own positions, never NaN
-        K = len(responses_of(examples[0]))
+            packed.fill_row(r, doc, segs, shared)
+        batch = packed.tensors(n_seqs=len(examples) * len(responses_of(examples[0])))
+        batch.update(_per_example(examples))
+        return batch
+
+
+def _per_example(examples: list[dict]) -> dict:
+    """Values carried per example: precomputed reference log-probs, and unpaired labels."""
+    out = {}
+    for key in ("ref_logps", "ref_prefix_logps"):
+        if key in examples[0]:
+            out[key] = torch.tensor([v for ex in examples for v in ex[key]], dtype=torch.float32)
+    if "label" in examples[0]:
+        out["labels_bool"] = torch.tensor([bool(ex["label"]) for ex in examples])
+    return out
+
+
+class _Packed:
+    """The batch being built: per-token row tensors, and the flat lists of scored tokens."""
+
+    def __init__(self, rows: int, width: int, pad: int, ld_prefix: bool):
+        self.width = width
+        self.input_ids = torch.full((rows, width), pad, dtype=torch.long)
+        self.position_ids = torch.zeros((rows, width), dtype=torch.long)
+        self.doc_ids = torch.full((rows, width), -1, dtype=torch.long)
+        self.branch_ids = torch.zeros((rows, width), dtype=torch.long)
+        self.src: list[int] = []
+        self.tgt: list[int] = []
+        self.seq: list[int] = []
+        self.prefix: Optional[list[bool]] = [] if ld_prefix else None
+
+    def fill_row(self, r: int, doc: int, segs: list, shared: Optional[int]) -> None:
+        """Lay out row r's segments (prompt, then responses) and list each response token as scored."""
+        t = 0
+        prompt_len = len(segs[0][1])
+        for branch, ids, s in segs:
+            n = len(ids)
+            self.input_ids[r, t : t + n] = torch.tensor(ids, dtype=torch.long)
+            self.doc_ids[r, t : t + n] = doc
+            self.branch_ids[r, t : t + n] = branch
+            if branch == 0:
+                self.position_ids[r, t : t + n] = torch.arange(n)
+            else:
+                self.position_ids[r, t : t + n] = torch.arange(prompt_len, prompt_len + n)
+                self._score(r * self.width + prompt_len - 1, r * self.width + t, ids, s, shared)
+            t += n
+        self.position_ids[r, t:] = torch.arange(self.width - t)  # padding: own positions, never NaN
+
+    def _score(self, first_src: int, start: int, ids: list[int], seq: int, shared: Optional[int]) -> None:
+        # token j of this response is predicted by the hidden state before it:
+        # the last prompt token for j = 0, else the previous response token.
+        n = len(ids)
+        self.src.append(first_src)
+        self.src.extend(range(start, start + n - 1))
+        self.tgt.extend(ids)
+        self.seq.extend([seq] * n)
+        if self.prefix is not None:
+            k = min(n, shared)
+            self.prefix.extend([True] * k + [False] * (n - k))
+
+    def tensors(self, n_seqs: int) -> dict:
+        """The batch dict (without per-example values)."""
         batch = {
-            "input_ids": input_ids,
-            "position_ids": position_ids,
-            "doc_ids": doc_ids,
-            "branch_ids": branch_ids,
-            "score_src": torch.tensor(src, dtype=torch.long),
-            "score_tgt": torch.tensor(tgt, dtype=torch.long),
-            "score_seq": torch.tensor(seq, dtype=torch.long),
-            "n_seqs": torch.tensor(len(examples) * K),
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "doc_ids": self.doc_ids,
+            "branch_ids": self.branch_ids,
+            "score_src": torch.tensor(self.src, dtype=torch.long),
+            "score_tgt": torch.tensor(self.tgt, dtype=torch.long),
+            "score_seq": torch.tensor(self.seq, dtype=torch.long),
+            "n_seqs": torch.tensor(n_seqs),
         }
-        if ld:
-            batch["score_prefix"] = torch.tensor(prefix, dtype=torch.bool)
-        for key in ("ref_logps", "ref_prefix_logps"):
-            if key in examples[0]:
-                batch[key] = torch.tensor([v for ex in examples for v in ex[key]], dtype=torch.float32)
-        if "label" in examples[0]:
-            batch["labels_bool"] = torch.tensor([bool(ex["label"]) for ex in examples])
+        if self.prefix is not None:
+            batch["score_prefix"] = torch.tensor(self.prefix, dtype=torch.bool)
         return batch

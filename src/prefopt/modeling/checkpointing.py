@@ -25,6 +25,7 @@ def checkpoint_mlps(model) -> int:
         inner = module.forward
 
         def forward(*args, _inner=inner, _module=module, **kwargs):
+            """The MLP's forward, checkpointed while training with gradients."""
             if _module.training and torch.is_grad_enabled():
                 return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
             return _inner(*args, **kwargs)

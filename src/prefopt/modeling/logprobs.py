@@ -14,6 +14,7 @@ in any ordinary forward.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -28,6 +29,13 @@ def unwrap(model):
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model
+
+
+def adapter_disabled(model, disabled: bool = True):
+    """Context: the reference (adapter off) when `disabled` and the model is a peft model."""
+    if disabled and hasattr(model, "disable_adapter"):
+        return model.disable_adapter()
+    return contextlib.nullcontext()
 
 
 def attention_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor, boolean: bool, dtype=torch.float32) -> torch.Tensor:
@@ -45,8 +53,13 @@ def attention_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor, boolean: boo
     return torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-                 sq_mass: bool = False):
+def _token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    sq_mass: bool = False,
+):
     # The lm-head runs in float32 whatever the surrounding autocast: log-probs then do not depend on
     # whether the caller's autocast covers this function (it covers the reference precompute but, in
     # the Trainer, only the model's own forward), so policy and reference log-probs stay comparable.
@@ -61,8 +74,9 @@ def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return tok, sq
 
 
-def token_logps(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, chunk: int = 1024,
-                sq_mass: bool = False):
+def token_logps(
+    hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, chunk: int = 1024, sq_mass: bool = False
+):
     """log p(targets[n] | hidden[n]) for N positions, at most `chunk` rows of logits at a time.
 
     With `sq_mass`, also return log Σ_v p(v | hidden[n])² per position (detached), computed from the
@@ -72,7 +86,7 @@ def token_logps(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.T
         return _token_logps(hidden, weight, bias, targets, sq_mass)
     out = []
     for s in range(0, hidden.shape[0], chunk):
-        h, t = hidden[s:s + chunk], targets[s:s + chunk]
+        h, t = hidden[s : s + chunk], targets[s : s + chunk]
         if torch.is_grad_enabled():
             out.append(checkpoint(_token_logps, h, weight, bias, t, sq_mass, use_reentrant=False))
         else:
@@ -95,13 +109,40 @@ def sequence_logps(model, batch: dict, chunk: int = 1024, sq_mass: bool = False)
     boolean = causal_lm.config._attn_implementation == "sdpa"
     dtype = next(causal_lm.parameters()).dtype
     mask = attention_mask(batch["doc_ids"], batch["branch_ids"], boolean, dtype)
+    decoder_output = _decoder_output(model, decoder, batch, mask)
+    hidden = decoder_output.flatten(0, 1)[batch["score_src"]]
+    tok = token_logps(hidden, lm_head, batch["score_tgt"], chunk, sq_mass=sq_mass)
+    sq = None
+    if sq_mass:
+        tok, sq = tok
+    return _per_sequence_sums(batch, tok, sq)
 
+
+def _decoder_output(model, decoder, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+    """The decoder's final hidden states [R, T, H] from one forward of `model` through its own
+    forward (with `logits_to_keep=1`), captured by a hook on `decoder`."""
     captured = {}
+    handle = decoder.register_forward_hook(_capture_hook(captured))
+    try:
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            position_ids=batch["position_ids"],
+            logits_to_keep=1,
+            use_cache=False,
+        )
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+def _capture_hook(captured: dict):
+    """A forward hook for the decoder that stores its output in `captured["h"]`."""
 
     def hook(_module, _args, output):
-        # Keep the decoder's output for our chunked head; hand the model's own lm-head one detached
-        # position per row, so it keeps nothing for the backward (no bf16 copy of the vocabulary
-        # matrix under autocast) and sends no gradient into the tied embedding.
+        """Keep the decoder's output for our chunked head; hand the model's own lm-head one
+        detached position per row, so it keeps nothing for the backward (no bf16 copy of the
+        vocabulary matrix under autocast) and sends no gradient into the tied embedding."""
         if hasattr(output, "last_hidden_state"):
             captured["h"] = output.last_hidden_state
             output.last_hidden_state = captured["h"][:, -1:].detach()
@@ -109,16 +150,11 @@ def sequence_logps(model, batch: dict, chunk: int = 1024, sq_mass: bool = False)
         captured["h"] = output[0]
         return (output[0][:, -1:].detach(),) + tuple(output[1:])
 
-    handle = decoder.register_forward_hook(hook)
-    try:
-        model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
-              logits_to_keep=1, use_cache=False)
-    finally:
-        handle.remove()
-    hidden = captured["h"].flatten(0, 1)[batch["score_src"]]
-    tok = token_logps(hidden, lm_head, batch["score_tgt"], chunk, sq_mass=sq_mass)
-    if sq_mass:
-        tok, sq = tok
+    return hook
+
+
+def _per_sequence_sums(batch: dict, tok: torch.Tensor, sq: Optional[torch.Tensor]) -> dict:
+    """The scored tokens' log-probs `tok` (and squared-mass logs `sq`) summed per sequence."""
     n = int(batch["n_seqs"])
     seq = batch["score_seq"]
     logps = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seq, tok)
@@ -127,6 +163,14 @@ def sequence_logps(model, batch: dict, chunk: int = 1024, sq_mass: bool = False)
     if "score_prefix" in batch:
         flag = batch["score_prefix"]
         out["prefix_logps"] = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seq[flag], tok[flag])
-    if sq_mass:
+    if sq is not None:
         out["sq_mass"] = torch.zeros(n, dtype=sq.dtype, device=sq.device).index_add(0, seq, sq)
     return out
+
+
+def collated_logps(model, collator, examples: list[dict], device: torch.device, chunk: int, autocast_dtype) -> dict:
+    """sequence_logps of `examples` collated by `collator` onto `device`, under autocast to
+    `autocast_dtype` (None: no autocast, float32)."""
+    batch = {k: v.to(device) for k, v in collator(examples).items()}
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        return sequence_logps(model, batch, chunk)

@@ -1,4 +1,5 @@
-"""Reference log-probs computed once before training and cached on disk.
+"""Reference log-probs: computed once before training and cached on disk, or on the fly from a
+frozen copy or from the policy with its adapter off.
 
 Before the first step the policy *is* the reference (a fresh LoRA adapter is zero; a full
 fine-tune starts from the reference weights), so one pass of the policy, adapter disabled, gives
@@ -9,7 +10,6 @@ model, data set or tokenizer never reuses a stale file.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -17,8 +17,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from .logprobs import sequence_logps
+from prefopt.data.collate import responses_of, row_length
+from prefopt.modeling import load
+from prefopt.modeling.logprobs import adapter_disabled, collated_logps, sequence_logps
 
 log = logging.getLogger("prefopt")
 
@@ -32,12 +37,12 @@ def weights_fingerprint(model) -> str:
         name = name.replace("base_model.model.", "").replace(".base_layer", "")
         h.update(name.encode())
         h.update(str(t.dtype).encode())
-        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-                 if t.numel() else b"")
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
 def data_fingerprint(examples: list[dict], extra: str = "") -> str:
+    """Hash of `extra` and every token id of `examples` (prompt and responses)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(extra.encode())
     for ex in examples:
@@ -48,37 +53,55 @@ def data_fingerprint(examples: list[dict], extra: str = "") -> str:
     return h.hexdigest()
 
 
-def _disabled_adapter(model):
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-
-
 @torch.no_grad()
-def compute(model, examples: list[dict], collator, *, batch_size: int = 8, chunk: int = 1024,
-            autocast_dtype: Optional[torch.dtype] = None, progress: bool = True,
-            desc: str = "reference log-probs") -> torch.Tensor:
-    """[len(examples), K] summed log-probs of every response under `model` with any adapter off."""
-    return compute_all(model, examples, collator, batch_size=batch_size, chunk=chunk,
-                       autocast_dtype=autocast_dtype, progress=progress, desc=desc)["ref_logps"]
-
-
-@torch.no_grad()
-def compute_all(model, examples: list[dict], collator, *, batch_size: int = 8, chunk: int = 1024,
-                autocast_dtype: Optional[torch.dtype] = None, progress: bool = True,
-                desc: str = "reference log-probs", shard: tuple[int, int] = (0, 1)) -> dict:
+def compute_all(
+    model,
+    examples: list[dict],
+    collator,
+    *,
+    batch_size: int = 8,
+    chunk: int = 1024,
+    autocast_dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+    desc: str = "reference log-probs",
+    shard: tuple[int, int] = (0, 1),
+) -> dict:
     """{"ref_logps": [len(examples), K]} summed log-probs of every response under `model` with any
     adapter off; with a collator built with `ld_prefix=True` also "ref_prefix_logps" (the sums over
     each response's first min(len_c, len_r) tokens, for LD-DPO)."""
     keys = {"ref_logps": "logps"}
     if getattr(collator, "ld_prefix", False):
         keys["ref_prefix_logps"] = "prefix_logps"
-    return per_response(model, examples, collator, keys, adapter_off=True, batch_size=batch_size, chunk=chunk,
-                        autocast_dtype=autocast_dtype, progress=progress, desc=desc, shard=shard)
+    return per_response(
+        model,
+        examples,
+        collator,
+        keys,
+        adapter_off=True,
+        batch_size=batch_size,
+        chunk=chunk,
+        autocast_dtype=autocast_dtype,
+        progress=progress,
+        desc=desc,
+        shard=shard,
+    )
 
 
 @torch.no_grad()
-def per_response(model, examples: list[dict], collator, keys: dict, *, adapter_off: bool, batch_size: int = 8,
-                 chunk: int = 1024, autocast_dtype: Optional[torch.dtype] = None, progress: bool = True,
-                 desc: str = "log-probs", shard: tuple[int, int] = (0, 1)) -> dict:
+def per_response(
+    model,
+    examples: list[dict],
+    collator,
+    keys: dict,
+    *,
+    adapter_off: bool,
+    batch_size: int = 8,
+    chunk: int = 1024,
+    autocast_dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+    desc: str = "log-probs",
+    shard: tuple[int, int] = (0, 1),
+) -> dict:
     """{name: [len(examples), K] float64} of every response of `examples`, where `keys` maps each
     name to an output of sequence_logps ("logps", "lengths", "prefix_logps"); in eval mode,
     examples batched in order of length, any adapter off when `adapter_off`.
@@ -86,10 +109,6 @@ def per_response(model, examples: list[dict], collator, keys: dict, *, adapter_o
     shard = (rank, world) with world > 1 (torch.distributed initialised): this process computes
     every world-th batch, and one all-reduce of the (otherwise zero) results gives every process
     every value. The batches are the same as in one process, so are the values, bit for bit."""
-    from tqdm.auto import tqdm
-
-    from ..data.collate import responses_of, row_length
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -98,16 +117,12 @@ def per_response(model, examples: list[dict], collator, keys: dict, *, adapter_o
     out = {k: torch.zeros(len(examples), K, dtype=torch.float64) for k in keys}
     rank, world = shard
     starts = list(range(0, len(order), batch_size))[rank::world]
-    bar = tqdm(total=sum(len(order[s:s + batch_size]) for s in starts), desc=desc, unit="ex",
-               disable=not progress)
+    bar = tqdm(total=sum(len(order[s : s + batch_size]) for s in starts), desc=desc, unit="ex", disable=not progress)
     try:
-        with _disabled_adapter(model) if adapter_off else contextlib.nullcontext():
+        with adapter_disabled(model, adapter_off):
             for s in starts:
-                idx = order[s:s + batch_size]
-                batch = {k: v.to(device) for k, v in collator([examples[i] for i in idx]).items()}
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
-                    res = sequence_logps(model, batch, chunk)
+                idx = order[s : s + batch_size]
+                res = collated_logps(model, collator, [examples[i] for i in idx], device, chunk, autocast_dtype)
                 for k, src in keys.items():
                     out[k][idx] = res[src].double().cpu().view(len(idx), K)
                 bar.update(len(idx))
@@ -115,18 +130,31 @@ def per_response(model, examples: list[dict], collator, keys: dict, *, adapter_o
         bar.close()
         model.train(was_training)
     if world > 1:
-        import torch.distributed as dist
-
-        for k in out:
-            total = out[k].to(device)
-            dist.all_reduce(total)  # each value comes from exactly one process; the others add 0.0
-            out[k] = total.cpu()
+        _sum_across_processes(out, device)
     return out
 
 
-def precompute(model, examples: list[dict], collator, *, cache_dir: Optional[Path], batch_size: int,
-               chunk: int, autocast_dtype: Optional[torch.dtype], progress: bool = True,
-               shard: tuple[int, int] = (0, 1), write_cache: bool = True) -> None:
+def _sum_across_processes(out: dict, device: torch.device) -> None:
+    """Replace every tensor of `out` by its sum over the processes, via `device`."""
+    for k in out:
+        total = out[k].to(device)
+        dist.all_reduce(total)  # each value comes from exactly one process; the others add 0.0
+        out[k] = total.cpu()
+
+
+def precompute(
+    model,
+    examples: list[dict],
+    collator,
+    *,
+    cache_dir: Optional[Path],
+    batch_size: int,
+    chunk: int,
+    autocast_dtype: Optional[torch.dtype],
+    progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    write_cache: bool = True,
+) -> None:
     """Attach `ref_logps` (a list of K floats) to every example, from the disk cache when valid;
     with a collator built with `ld_prefix=True` (LD-DPO) also `ref_prefix_logps`.
 
@@ -135,42 +163,129 @@ def precompute(model, examples: list[dict], collator, *, cache_dir: Optional[Pat
     those with `write_cache` (one per machine) write the file."""
     if not examples:
         return
-    ld = getattr(collator, "ld_prefix", False)
-    names = ("ref_logps", "ref_prefix_logps") if ld else ("ref_logps",)
-    path = None
-    if cache_dir is not None:
-        key = data_fingerprint(
-            examples, f"{weights_fingerprint(model)}|{collator.prefix_sharing}|{autocast_dtype}|{chunk}"
-            + ("|ld_prefix" if ld else "")  # unchanged key (and cache files) when LD-DPO is off
-        )
-        path = Path(cache_dir) / f"{key}.safetensors"
-    values = None
-    if path is not None and path.is_file():
-        from safetensors.torch import load_file
-
-        values = load_file(str(path))
-        if any(k not in values or values[k].shape[0] != len(examples) for k in names):
-            values = None
+    names = ("ref_logps", "ref_prefix_logps") if getattr(collator, "ld_prefix", False) else ("ref_logps",)
+    path = None if cache_dir is None else _cache_path(model, examples, collator, cache_dir, autocast_dtype, chunk)
+    values = _read_cache(path, names, len(examples))
     _, world = shard
-    if world > 1:  # all processes read the cache, or all compute: never some of each (a hang)
-        import torch.distributed as dist
-
-        found = torch.tensor([float(values is not None)], device=next(model.parameters()).device)
-        dist.all_reduce(found, op=dist.ReduceOp.MIN)
-        if not found.item():
-            values = None
+    if world > 1 and not _found_by_all(values is not None, model):
+        values = None  # all processes read the cache, or all compute: never some of each (a hang)
     if values is not None:
         log.info("reference log-probs: reusing %s", path)
     else:
-        values = compute_all(model, examples, collator, batch_size=batch_size, chunk=chunk,
-                             autocast_dtype=autocast_dtype, progress=progress, shard=shard)
+        values = compute_all(
+            model,
+            examples,
+            collator,
+            batch_size=batch_size,
+            chunk=chunk,
+            autocast_dtype=autocast_dtype,
+            progress=progress,
+            shard=shard,
+        )
         if path is not None and write_cache:
-            from safetensors.torch import save_file
+            _write_cache(path, {k: values[k] for k in names})
+    _attach(examples, values, names)
 
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes sharing the cache never collide
-            save_file({k: values[k].contiguous() for k in names}, str(tmp))
-            tmp.replace(path)
+
+def _cache_path(model, examples: list[dict], collator, cache_dir, autocast_dtype, chunk: int) -> Path:
+    """CACHE_DIR/<key>.safetensors, the key covering the reference weights, the token ids, the
+    layout and the precision."""
+    ld = getattr(collator, "ld_prefix", False)
+    key = data_fingerprint(
+        examples,
+        f"{weights_fingerprint(model)}|{collator.prefix_sharing}|{autocast_dtype}|{chunk}"
+        + ("|ld_prefix" if ld else ""),  # unchanged key (and cache files) when LD-DPO is off
+    )
+    return Path(cache_dir) / f"{key}.safetensors"
+
+
+def _read_cache(path: Optional[Path], names: tuple, n: int) -> Optional[dict]:
+    """The cached tensors at `path`; None when there is no file or it lacks one of `names` for
+    `n` examples."""
+    if path is None or not path.is_file():
+        return None
+    values = load_file(str(path))
+    if any(k not in values or values[k].shape[0] != n for k in names):
+        return None
+    return values
+
+
+def _found_by_all(found: bool, model) -> bool:
+    """Whether every process found the cache (an all-reduce on the model's device)."""
+    flag = torch.tensor([float(found)], device=next(model.parameters()).device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _write_cache(path: Path, tensors: dict) -> None:
+    """Write `tensors` to `path` through a temporary file, so readers never see a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes sharing the cache never collide
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def _attach(examples: list[dict], values: dict, names: tuple) -> None:
+    """Store row i of each values[name] in examples[i][name], as a list of floats."""
     for k in names:
         for ex, v in zip(examples, values[k].tolist()):
             ex[k] = v
+
+
+def for_training(
+    model, spec, cfg, path: str, example_lists: list[list[dict]], collator, args, bf16: bool, progress: bool
+):
+    """The reference a training run needs, set up before the first step: with
+    reference.precompute every example of `example_lists` gets its reference log-probs (from the
+    cache when valid; under DDP each process computes its share) and None is returned; without it
+    a full fine-tune gets a frozen copy of the model at `path` (returned) and a LoRA run uses the
+    policy with its adapter off (None). Reference-free losses get None."""
+    if not spec.needs_reference:
+        return None
+    if cfg.reference.precompute:
+        cache = Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else load.cache_dir() / "reference"
+        if torch.cuda.is_available():
+            model.to(args.device)
+        for examples in example_lists:
+            precompute(
+                model,
+                examples,
+                collator,
+                cache_dir=cache,
+                batch_size=2 * cfg.train.batch_size,
+                chunk=cfg.train.lm_head_chunk,
+                autocast_dtype=torch.bfloat16 if bf16 else None,
+                progress=progress and args.process_index == 0,
+                shard=(args.process_index, args.world_size),
+                write_cache=args.local_process_index == 0,
+            )
+        return None
+    if cfg.lora.enabled:
+        return None
+    ref_model = load.load_model(
+        path,
+        dtype=cfg.model.dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    return ref_model.requires_grad_(False).eval()
+
+
+def outputs(model, batch: dict, ref_model=None, chunk: int = 1024) -> dict:
+    """{"logps"} of the reference for a training batch (and "prefix_logps" when the batch flags
+    LD-DPO prefixes): precomputed values carried by the batch, a frozen copy, or the policy with
+    its adapter off."""
+    if "ref_logps" in batch:
+        out = {"logps": batch["ref_logps"]}
+        if "ref_prefix_logps" in batch:
+            out["prefix_logps"] = batch["ref_prefix_logps"]
+        return out
+    with torch.no_grad():
+        if ref_model is not None:
+            return sequence_logps(ref_model, batch, chunk)
+        base = model.module if hasattr(model, "module") and not hasattr(model, "disable_adapter") else model
+        if not hasattr(base, "disable_adapter"):
+            raise RuntimeError("no reference: give ref_model, precomputed ref_logps, or a peft model")
+        with base.disable_adapter():
+            return sequence_logps(model, batch, chunk)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .logprobs import unwrap
+from prefopt.modeling.logprobs import unwrap
 
 
 def sparse_tied_embedding_grads(model) -> bool:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from importlib import resources
 
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
 
 def prompts() -> list[str]:
+    """The movie-review openings shipped with prefopt, one per non-empty line of the prompts file."""
     text = resources.files("prefopt.tasks").joinpath("movie_review_prompts.txt").read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
@@ -21,8 +24,6 @@ _analyzer = None
 def vader_reward(texts: list[str]) -> list[float]:
     """VADER compound sentiment of each text (−1 most negative … +1 most positive)."""
     global _analyzer
-    if _analyzer is None:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
+    if _analyzer is None:  # built on first use: it reads VADER's lexicon files
         _analyzer = SentimentIntensityAnalyzer()
     return [_analyzer.polarity_scores(t)["compound"] for t in texts]

@@ -10,15 +10,18 @@ skips the batches already seen, so the data order is the uninterrupted run's.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
 import signal
+import threading
 from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 from transformers import TrainerCallback
 
 log = logging.getLogger("prefopt")
@@ -47,6 +50,44 @@ def latest(output_dir) -> Optional[Path]:
     """The newest complete checkpoint in `output_dir`, or None."""
     found = complete(output_dir)
     return found[-1] if found else None
+
+
+def finished(checkpoint: Path) -> bool:
+    """Whether `checkpoint` was saved at the run's last step (its max_steps reached)."""
+    state = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
+def to_resume(cfg, out: Path) -> Optional[Path]:
+    """The newest complete checkpoint in `out` to resume `cfg`'s run from (None: start from the
+    beginning), after warning about settings that differ from the run that wrote it."""
+    checkpoint = latest(out)
+    if checkpoint is None:
+        log.warning("--resume: no complete checkpoint in %s; starting from the beginning", out)
+        return None
+    saved = out / "prefopt.yaml"
+    if saved.is_file():
+        before = yaml.safe_load(saved.read_text()) or {}
+        now = cfg.resolved()
+        changed = [
+            f"{sec}.{k}"
+            for sec, keys in now.items()
+            if isinstance(keys, dict)
+            for k, v in keys.items()
+            if isinstance(before.get(sec), dict)
+            and k in before[sec]
+            and before[sec][k] != v
+            and (sec, k) not in (("train", "progress"),)
+        ]
+        if changed:
+            log.warning(
+                "--resume: these settings differ from the run that wrote %s: %s; the result will not "
+                "equal an uninterrupted run's",
+                checkpoint,
+                ", ".join(changed),
+            )
+    log.info("resuming from %s", checkpoint)
+    return checkpoint
 
 
 def _fsync_tree(path: Path) -> None:
@@ -120,12 +161,12 @@ class GracefulStop(TrainerCallback):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("%s: stopping after this step and saving a checkpoint (Ctrl-C again to abort at once)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s: stopping after this step and saving a checkpoint (Ctrl-C again to abort at once)",
+            signal.Signals(signum).name,
+        )
 
     def on_train_begin(self, args, state, control, **kwargs):
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handler)

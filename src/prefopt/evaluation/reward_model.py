@@ -33,6 +33,7 @@ the run's data options (fields, shape, truncation, chat template) and its collat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -42,68 +43,70 @@ from typing import Optional
 
 import torch
 
-from .errors import PrefoptError
-
-PER_TOKEN_LOSSES = ("simpo", "sigmoid_norm")
-
-
-# --------------------------------------------------------------------------------------------
-# the reward of a run
-# --------------------------------------------------------------------------------------------
-
-def reward_form(trained) -> tuple[bool, bool]:
-    """(uses the reference, per token) of the implicit reward of `trained`'s loss."""
-    name = trained.spec.name
-    per_token = name in PER_TOKEN_LOSSES or (name == "ipo" and trained.cfg.loss.ipo_normalize is not False)
-    return bool(trained.spec.needs_reference), per_token
-
-
-def reward_formula(trained) -> str:
-    uses_ref, per_token = reward_form(trained)
-    scale = "β/|y|" if per_token else "β"
-    return f"{scale}·(log π − log π_ref)" if uses_ref else f"{scale}·log π"
+from prefopt import losses
+from prefopt.data import formats
+from prefopt.data.tokenize import PairTokenizer
+from prefopt.errors import PrefoptError
+from prefopt.evaluation.trained import load_trained
+from prefopt.modeling import load
+from prefopt.modeling.reference import per_response
+from prefopt.training.setup import make_collator
 
 
 def rewards_of(trained, logps: torch.Tensor, ref_logps: Optional[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
-    """The implicit rewards (float64, the shape of `logps`)."""
-    uses_ref, per_token = reward_form(trained)
-    x = logps.double()
-    if uses_ref:
-        x = x - ref_logps.double()
-    if per_token:
-        x = x / lengths.double().clamp(min=1)
-    return trained.beta * x
+    """The implicit rewards (float64, the shape of `logps`) of `trained`'s loss: the same
+    losses.implicit_rewards the training log uses."""
+    return losses.implicit_rewards(
+        trained.spec, trained.hyper, logps.double(), None if ref_logps is None else ref_logps.double(), lengths.double()
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # log-probs
 # --------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def sequence_table(model, examples: list[dict], collator, *, batch_size: int = 8, chunk: int = 1024,
-                   progress: bool = False, desc: str = "policy log-probs") -> dict:
+def sequence_table(
+    model,
+    examples: list[dict],
+    collator,
+    *,
+    batch_size: int = 8,
+    chunk: int = 1024,
+    progress: bool = False,
+    desc: str = "policy log-probs",
+) -> dict:
     """{"logps", "lengths"}: [len(examples), K] float64 summed log-probs and token counts of every
     response under `model` as it is (a peft model's adapter on, unless the caller disabled it),
     in float32. K = 2 for pairs (chosen, rejected), 1 for unpaired completions."""
-    from .modeling.reference import per_response
-
-    return per_response(model, examples, collator, {"logps": "logps", "lengths": "lengths"}, adapter_off=False,
-                        batch_size=batch_size, chunk=chunk, progress=progress, desc=desc)
+    return per_response(
+        model,
+        examples,
+        collator,
+        {"logps": "logps", "lengths": "lengths"},
+        adapter_off=False,
+        batch_size=batch_size,
+        chunk=chunk,
+        progress=progress,
+        desc=desc,
+    )
 
 
 def _reference_model(trained):
     """A context manager yielding the reference, or None when there is none to compare with.
     A reference-free full fine-tune has no reference loaded: its starting point, the base model
     named in the config, is loaded here for the likelihood baseline."""
-    import contextlib
-
     if trained.ref_model is not None or hasattr(trained.model, "disable_adapter"):
         return trained.reference()
-    from .modeling import load
-
     cfg = trained.cfg.model
-    base = load.load_model(load.resolve(cfg.name), dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                           revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    base = load.load_model(
+        load.resolve(cfg.name),
+        dtype=cfg.dtype,
+        attn_implementation=cfg.attn_implementation,
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+    )
     base.requires_grad_(False).eval().to(next(trained.model.parameters()).device)
     return contextlib.nullcontext(base)
 
@@ -112,8 +115,11 @@ def _reference_model(trained):
 # data -> scored examples
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Scored:
+    """The examples of a data file scored under a trained model: log-probs, lengths and rewards."""
+
     trained: object
     shape: str  # "paired" or "unpaired"
     items: list  # the Pair / Unpaired records read
@@ -130,23 +136,39 @@ class Scored:
 def score_examples(trained, data_path: str, *, batch_size: int = 8, progress: bool = True) -> Scored:
     """Read `data_path` with the run's data options, tokenize like training did and compute policy
     and reference log-probs and the implicit rewards of every response."""
-    from .data import formats
-    from .data.tokenize import PairTokenizer
-    from .train import make_collator
-
     if batch_size < 1:
         raise PrefoptError(f"batch size must be >= 1, found {batch_size}.")
-    cfg = trained.cfg
-    d = cfg.data
-    loaded = formats.load(data_path, d.split, None, formats.options_from(d))
+    loaded, shape = _read_data(trained, data_path)
+    examples, index, truncated, reading = _tokenize(trained, loaded, data_path)
+    logps, ref_logps, lengths = _logps_of(trained, examples, batch_size=batch_size, progress=progress)
+    rewards = rewards_of(trained, logps, ref_logps, lengths)
+    return Scored(trained, shape, loaded.items, index, truncated, examples, logps, ref_logps, lengths, rewards, reading)
+
+
+def _read_data(trained, data_path: str):
+    """The records of `data_path` read with the run's data options, and their shape ("paired" or
+    "unpaired"), checked to be the shape the run's loss was trained on."""
+    loaded = formats.load(data_path, trained.cfg.data.split, None, formats.options_from(trained.cfg.data))
     shape = "unpaired" if loaded.shape == "unpaired" else "paired"
     if not loaded.items:
         raise PrefoptError(f"{data_path}: no usable record ({loaded.report()}).")
     if trained.spec.paired != (shape == "paired"):
-        want = "preference pairs (prompt, chosen, rejected)" if trained.spec.paired else \
-            "unpaired examples (prompt, completion, label)"
-        raise PrefoptError(f"{data_path}: holds {loaded.shape} data, but the model was trained with loss "
-                           f"'{trained.spec.name}' on {want}; its implicit reward is defined for that shape only.")
+        want = (
+            "preference pairs (prompt, chosen, rejected)"
+            if trained.spec.paired
+            else "unpaired examples (prompt, completion, label)"
+        )
+        raise PrefoptError(
+            f"{data_path}: holds {loaded.shape} data, but the model was trained with loss "
+            f"'{trained.spec.name}' on {want}; its implicit reward is defined for that shape only."
+        )
+    return loaded, shape
+
+
+def _tokenize(trained, loaded, data_path: str):
+    """(examples, index, truncated, reading): the items of `loaded` tokenized like training did,
+    the index of each among the items, whether it was truncated, and the reading counts."""
+    d = trained.cfg.data
     pt = PairTokenizer(trained.tokenizer, d.max_length, d.max_prompt_length, d.truncation, d.chat_template)
     examples, index, truncated = [], [], []
     for i, item in enumerate(loaded.items):
@@ -157,23 +179,33 @@ def score_examples(trained, data_path: str, *, batch_size: int = 8, progress: bo
         examples.append(ex)
         index.append(i)
         truncated.append(pt.stats.truncated > before)
-    reading = {"records": loaded.records, "items": len(loaded.items), "skipped": sum(loaded.skipped.values()),
-               "skipped_by_reason": dict(loaded.skipped), "scored": len(examples),
-               "truncated": pt.stats.truncated, "dropped_too_long": pt.stats.dropped_too_long}
+    reading = {
+        "records": loaded.records,
+        "items": len(loaded.items),
+        "skipped": sum(loaded.skipped.values()),
+        "skipped_by_reason": dict(loaded.skipped),
+        "scored": len(examples),
+        "truncated": pt.stats.truncated,
+        "dropped_too_long": pt.stats.dropped_too_long,
+    }
     if not examples:
-        raise PrefoptError(f"{data_path}: every record is longer than data.max_length = {d.max_length} and "
-                           "data.truncation is 'drop'; nothing to score.")
-    collator = make_collator(cfg, trained.tokenizer)
+        raise PrefoptError(
+            f"{data_path}: every record is longer than data.max_length = {d.max_length} and "
+            "data.truncation is 'drop'; nothing to score."
+        )
+    return examples, index, truncated, reading
+
+
+def _logps_of(trained, examples: list[dict], *, batch_size: int = 8, progress: bool = False):
+    """(policy log-probs, reference log-probs, response lengths) of `examples`, each [N, K], with
+    the run's collator layout and plain whole-response sums."""
+    collator = make_collator(trained.cfg, trained.tokenizer)
     collator.ld_prefix = False  # plain sums: the implicit reward is defined on whole responses
-    chunk = cfg.train.lm_head_chunk
-    pol = sequence_table(trained.model, examples, collator, batch_size=batch_size, chunk=chunk,
-                         progress=progress, desc="policy log-probs")
+    kw = dict(batch_size=batch_size, chunk=trained.cfg.train.lm_head_chunk, progress=progress)
+    pol = sequence_table(trained.model, examples, collator, desc="policy log-probs", **kw)
     with _reference_model(trained) as ref_model:
-        ref = sequence_table(ref_model, examples, collator, batch_size=batch_size, chunk=chunk,
-                             progress=progress, desc="reference log-probs")
-    rewards = rewards_of(trained, pol["logps"], ref["logps"], pol["lengths"])
-    return Scored(trained, shape, loaded.items, index, truncated, examples, pol["logps"], ref["logps"],
-                  pol["lengths"], rewards, reading)
+        ref = sequence_table(ref_model, examples, collator, desc="reference log-probs", **kw)
+    return pol["logps"], ref["logps"], pol["lengths"]
 
 
 def _move_to_device(trained) -> None:
@@ -187,6 +219,7 @@ def _move_to_device(trained) -> None:
 # metrics
 # --------------------------------------------------------------------------------------------
 
+
 def _wins(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """1 where a > b, ½ where equal, 0 else."""
     return (a > b).double() + 0.5 * (a == b).double()
@@ -199,15 +232,23 @@ def _rate(a: torch.Tensor, b: torch.Tensor) -> float:
 def _summary(x: torch.Tensor) -> dict:
     x = x.double()
     q = torch.quantile(x, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
-    return {"mean": float(x.mean()), "sd": float(x.std()) if x.numel() > 1 else 0.0,
-            "p10": float(q[0]), "p50": float(q[1]), "p90": float(q[2])}
+    return {
+        "mean": float(x.mean()),
+        "sd": float(x.std()) if x.numel() > 1 else 0.0,
+        "p10": float(q[0]),
+        "p50": float(q[1]),
+        "p90": float(q[2]),
+    }
 
 
 def _likelihood(logps: torch.Tensor, lengths: torch.Tensor) -> dict:
     mean = logps / lengths.clamp(min=1)
-    return {"likelihood_accuracy": _rate(logps[:, 0], logps[:, 1]),
-            "likelihood_accuracy_per_token": _rate(mean[:, 0], mean[:, 1]),
-            "logp_chosen_mean": float(logps[:, 0].mean()), "logp_rejected_mean": float(logps[:, 1].mean())}
+    return {
+        "likelihood_accuracy": _rate(logps[:, 0], logps[:, 1]),
+        "likelihood_accuracy_per_token": _rate(mean[:, 0], mean[:, 1]),
+        "logp_chosen_mean": float(logps[:, 0].mean()),
+        "logp_rejected_mean": float(logps[:, 1].mean()),
+    }
 
 
 def pair_metrics(trained, examples, *, logps=None, ref_logps=None, lengths=None) -> dict:
@@ -221,8 +262,10 @@ def pair_metrics(trained, examples, *, logps=None, ref_logps=None, lengths=None)
         "pairs": int(r.shape[0]),
         "policy": {
             "reward_accuracy": _rate(r[:, 0], r[:, 1]),
-            "margin_mean": float(margin.mean()), "margin_sd": float(margin.std()) if len(margin) > 1 else 0.0,
-            "reward_chosen": _summary(r[:, 0]), "reward_rejected": _summary(r[:, 1]),
+            "margin_mean": float(margin.mean()),
+            "margin_sd": float(margin.std()) if len(margin) > 1 else 0.0,
+            "reward_chosen": _summary(r[:, 0]),
+            "reward_rejected": _summary(r[:, 1]),
             **_likelihood(logps, lengths),
         },
         "reference": _likelihood(ref_logps, lengths),
@@ -249,30 +292,22 @@ def unpaired_metrics(trained, examples, *, logps=None, ref_logps=None, lengths=N
     mean_ref = (ref_logps / lengths.clamp(min=1))[:, 0]
 
     def mean(x):
+        """Mean of `x`; None when empty."""
         return float(x.mean()) if len(x) else None
 
     return {
-        "examples": len(examples), "desirable": int(label.sum()), "undesirable": int((~label).sum()),
+        "examples": len(examples),
+        "desirable": int(label.sum()),
+        "undesirable": int((~label).sum()),
         "policy": {
             "sign_accuracy": float(correct.mean()),
-            "reward_desirable_mean": mean(r[label]), "reward_undesirable_mean": mean(r[~label]),
+            "reward_desirable_mean": mean(r[label]),
+            "reward_undesirable_mean": mean(r[~label]),
             "reward_auc": _auc(r[label], r[~label]),
             "likelihood_auc_per_token": _auc(mean_pol[label], mean_pol[~label]),
         },
         "reference": {"likelihood_auc_per_token": _auc(mean_ref[label], mean_ref[~label])},
     }
-
-
-def _logps_of(trained, examples):
-    from .train import make_collator
-
-    collator = make_collator(trained.cfg, trained.tokenizer)
-    collator.ld_prefix = False
-    chunk = trained.cfg.train.lm_head_chunk
-    pol = sequence_table(trained.model, examples, collator, chunk=chunk)
-    with _reference_model(trained) as ref_model:
-        ref = sequence_table(ref_model, examples, collator, chunk=chunk)
-    return pol["logps"], ref["logps"], pol["lengths"]
 
 
 def _metrics(scored: Scored) -> dict:
@@ -282,19 +317,25 @@ def _metrics(scored: Scored) -> dict:
 
 
 def _header(trained, model_dir: str, data_path: str, scored: Scored) -> dict:
-    return {"model": str(model_dir), "data": str(data_path), "loss": trained.spec.name, "beta": trained.beta,
-            "reward": reward_formula(trained), "shape": scored.shape, "read": scored.reading}
+    return {
+        "model": str(model_dir),
+        "data": str(data_path),
+        "loss": trained.spec.name,
+        "beta": trained.beta,
+        "reward": losses.reward_formula(trained.spec, trained.hyper),
+        "shape": scored.shape,
+        "read": scored.reading,
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # entry points
 # --------------------------------------------------------------------------------------------
 
+
 def evaluate_data(model_dir: str, data_path: str, batch_size: int = 8, progress: bool = True) -> dict:
     """`prefopt eval --model OUT --data PATH`: the metrics of the module docstring, with the model,
     data, loss, β, reward formula and what was read / skipped / truncated."""
-    from .modeling.trained import load_trained
-
     trained = load_trained(model_dir)
     _move_to_device(trained)
     scored = score_examples(trained, data_path, batch_size=batch_size, progress=progress)
@@ -312,16 +353,15 @@ def default_scores_path(model_dir: str, data_path: str) -> Path:
     return Path(model_dir) / "scores" / f"{name}.jsonl"
 
 
-def score_data(model_dir: str, data_path: str, out_path: Optional[str] = None, batch_size: int = 8,
-               progress: bool = True) -> dict:
+def score_data(
+    model_dir: str, data_path: str, out_path: Optional[str] = None, batch_size: int = 8, progress: bool = True
+) -> dict:
     """`prefopt score`: one JSON line per (prompt, response) with its implicit reward, written to
     `out_path` (default OUT/scores/<data name>.jsonl). Pairs give two lines, role "chosen" then
     "rejected"; unpaired data one line with its "label". "record" is the 0-based index of the pair
     (or example) among those read from the data; "prompt" / "response" are the texts as read (a
     list of messages for conversational data); "truncated" says the scored tokens were cut to fit
     data.max_length. Returns the path, the number of lines and the metrics of evaluate_data."""
-    from .modeling.trained import load_trained
-
     trained = load_trained(model_dir)
     _move_to_device(trained)
     scored = score_examples(trained, data_path, batch_size=batch_size, progress=progress)
@@ -335,9 +375,13 @@ def score_data(model_dir: str, data_path: str, out_path: Optional[str] = None, b
             row["response"] = getattr(item, role)
             if scored.shape == "unpaired":
                 row["label"] = bool(item.label)
-            row.update(reward=_num(scored.rewards[n, k]), logp=_num(scored.logps[n, k]),
-                       ref_logp=_num(scored.ref_logps[n, k]), tokens=int(scored.lengths[n, k]),
-                       truncated=scored.truncated[n])
+            row.update(
+                reward=_num(scored.rewards[n, k]),
+                logp=_num(scored.logps[n, k]),
+                ref_logp=_num(scored.ref_logps[n, k]),
+                tokens=int(scored.lengths[n, k]),
+                truncated=scored.truncated[n],
+            )
             lines.append(json.dumps(row, ensure_ascii=False))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -346,8 +390,7 @@ def score_data(model_dir: str, data_path: str, out_path: Optional[str] = None, b
         tmp.replace(out)
     except OSError as e:
         raise PrefoptError(f"{out}: cannot write the scores: {e.strerror or e}.") from None
-    return {"out": str(out), "lines": len(lines), **_header(trained, model_dir, data_path, scored),
-            **_metrics(scored)}
+    return {"out": str(out), "lines": len(lines), **_header(trained, model_dir, data_path, scored), **_metrics(scored)}
 
 
 def _num(x) -> float:
@@ -359,6 +402,7 @@ def _num(x) -> float:
 # text
 # --------------------------------------------------------------------------------------------
 
+
 def _f(x, digits: int = 3) -> str:
     if x is None:
         return "-"
@@ -369,41 +413,72 @@ def _f(x, digits: int = 3) -> str:
 
 def format_report(m: dict) -> str:
     """The metrics of evaluate_data as an aligned table: policy beside the reference baseline."""
-    r = m["read"]
-    skipped = f", {r['skipped']} skipped ({', '.join(f'{n} {k}' for k, n in r['skipped_by_reason'].items())})" \
-        if r["skipped"] else ", 0 skipped"
-    unit = "pairs" if m["shape"] == "paired" else "examples"
-    lines = [f"model   {m['model']}   loss {m['loss']}, β = {m['beta']:g}, reward r = {m['reward']}",
-             f"data    {m['data']}: {r['records']} records, {r['items']} {unit}{skipped}, {r['truncated']} truncated"
-             + (f", {r['dropped_too_long']} dropped as too long" if r["dropped_too_long"] else "")
-             + f"; {r['scored']} scored", ""]
-    pol, ref = m["policy"], m["reference"]
-    if m["shape"] == "paired":
-        rows = [("reward accuracy (r_c > r_r)", pol["reward_accuracy"], None),
-                ("reward margin r_c − r_r, mean", pol["margin_mean"], None),
-                ("reward margin, sd", pol["margin_sd"], None),
-                ("likelihood accuracy (sum log p)", pol["likelihood_accuracy"], ref["likelihood_accuracy"]),
-                ("likelihood accuracy (per token)", pol["likelihood_accuracy_per_token"],
-                 ref["likelihood_accuracy_per_token"]),
-                ("mean log p chosen", pol["logp_chosen_mean"], ref["logp_chosen_mean"]),
-                ("mean log p rejected", pol["logp_rejected_mean"], ref["logp_rejected_mean"])]
-    else:
-        rows = [("sign accuracy (r > 0 ⇔ desirable)", pol["sign_accuracy"], None),
-                ("reward AUC (desirable > undesirable)", pol["reward_auc"], None),
-                ("mean reward, desirable", pol["reward_desirable_mean"], None),
-                ("mean reward, undesirable", pol["reward_undesirable_mean"], None),
-                ("likelihood AUC (per token)", pol["likelihood_auc_per_token"], ref["likelihood_auc_per_token"])]
+    rows = _paired_rows(m) if m["shape"] == "paired" else _unpaired_rows(m)
     w = max(len(name) for name, _, _ in rows)
+    lines = _reading_lines(m)
     lines.append(f"{'':{w}}  {'policy':>10}  {'reference':>10}")
     lines += [f"{name:{w}}  {_f(a):>10}  {_f(b):>10}" for name, a, b in rows]
     if m["shape"] == "paired":
-        lines += ["", f"{'rewards':{w}}  " + "  ".join(f"{k:>8}" for k in ("mean", "sd", "p10", "p50", "p90"))]
-        for role in ("chosen", "rejected"):
-            s = pol[f"reward_{role}"]
-            name = "  " + role
-            lines.append(f"{name:{w}}  " + "  ".join(f"{_f(s[k]):>8}" for k in ("mean", "sd", "p10", "p50", "p90")))
-        lines += ["", f"{m['pairs']} pairs; mean response tokens: chosen {m['tokens']['chosen_mean']:.1f}, "
-                  f"rejected {m['tokens']['rejected_mean']:.1f}"]
+        lines += _reward_quantile_lines(m, w)
     else:
         lines += ["", f"{m['examples']} examples: {m['desirable']} desirable, {m['undesirable']} undesirable"]
     return "\n".join(lines)
+
+
+def _reading_lines(m: dict) -> list[str]:
+    """The model and loss line, the data line (what was read / skipped / truncated), a blank."""
+    r = m["read"]
+    skipped = (
+        f", {r['skipped']} skipped ({', '.join(f'{n} {k}' for k, n in r['skipped_by_reason'].items())})"
+        if r["skipped"]
+        else ", 0 skipped"
+    )
+    unit = "pairs" if m["shape"] == "paired" else "examples"
+    return [
+        f"model   {m['model']}   loss {m['loss']}, β = {m['beta']:g}, reward r = {m['reward']}",
+        f"data    {m['data']}: {r['records']} records, {r['items']} {unit}{skipped}, {r['truncated']} truncated"
+        + (f", {r['dropped_too_long']} dropped as too long" if r["dropped_too_long"] else "")
+        + f"; {r['scored']} scored",
+        "",
+    ]
+
+
+def _paired_rows(m: dict) -> list[tuple]:
+    """(name, policy, reference) rows of the paired metrics."""
+    pol, ref = m["policy"], m["reference"]
+    return [
+        ("reward accuracy (r_c > r_r)", pol["reward_accuracy"], None),
+        ("reward margin r_c − r_r, mean", pol["margin_mean"], None),
+        ("reward margin, sd", pol["margin_sd"], None),
+        ("likelihood accuracy (sum log p)", pol["likelihood_accuracy"], ref["likelihood_accuracy"]),
+        ("likelihood accuracy (per token)", pol["likelihood_accuracy_per_token"], ref["likelihood_accuracy_per_token"]),
+        ("mean log p chosen", pol["logp_chosen_mean"], ref["logp_chosen_mean"]),
+        ("mean log p rejected", pol["logp_rejected_mean"], ref["logp_rejected_mean"]),
+    ]
+
+
+def _unpaired_rows(m: dict) -> list[tuple]:
+    """(name, policy, reference) rows of the unpaired metrics."""
+    pol, ref = m["policy"], m["reference"]
+    return [
+        ("sign accuracy (r > 0 ⇔ desirable)", pol["sign_accuracy"], None),
+        ("reward AUC (desirable > undesirable)", pol["reward_auc"], None),
+        ("mean reward, desirable", pol["reward_desirable_mean"], None),
+        ("mean reward, undesirable", pol["reward_undesirable_mean"], None),
+        ("likelihood AUC (per token)", pol["likelihood_auc_per_token"], ref["likelihood_auc_per_token"]),
+    ]
+
+
+def _reward_quantile_lines(m: dict, w: int) -> list[str]:
+    """The reward distribution of chosen and rejected (mean, sd, quantiles) and the pair count."""
+    stats = ("mean", "sd", "p10", "p50", "p90")
+    lines = ["", f"{'rewards':{w}}  " + "  ".join(f"{k:>8}" for k in stats)]
+    for role in ("chosen", "rejected"):
+        s = m["policy"][f"reward_{role}"]
+        name = "  " + role
+        lines.append(f"{name:{w}}  " + "  ".join(f"{_f(s[k]):>8}" for k in stats))
+    return lines + [
+        "",
+        f"{m['pairs']} pairs; mean response tokens: chosen {m['tokens']['chosen_mean']:.1f}, "
+        f"rejected {m['tokens']['rejected_mean']:.1f}",
+    ]

@@ -6,7 +6,7 @@ iterations) are this loop with different settings. An experiment config (YAML):
 
     model: default                  # as in a training config
     prompts: sentiment              # built-in movie-review openings, or a .txt/.jsonl prompts file
-    reward: vader                   # see prefopt.rewards: vader | length | regex:... | keywords:... | module:fn
+    reward: vader                   # prefopt.evaluation.rewards: vader | length | regex: | keywords: | module:fn
     train_prompts: 200              # the first N (shuffled with seed) train, the last eval_prompts evaluate
     eval_prompts: 40
     samples: 8                      # responses per training prompt; best vs worst (or RSO) make pairs
@@ -28,6 +28,7 @@ iterations) are this loop with different settings. An experiment config (YAML):
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import logging
 import math
@@ -39,7 +40,26 @@ from typing import Optional
 
 import torch
 
-from .errors import PrefoptError
+from prefopt import config, losses
+from prefopt.config import (
+    Config,
+    LoraConfig,
+    LossConfig,
+    ModelConfig,
+    TrainConfig,
+    complete,
+    read_yaml,
+    resolve_loss,
+    set_keys,
+)
+from prefopt.data.tokenize import attach_kl_completions
+from prefopt.errors import PrefoptError
+from prefopt.evaluation import rewards
+from prefopt.evaluation.generation import generation_eval, read_prompts
+from prefopt.modeling import load, reference
+from prefopt.modeling.sampling import sample
+from prefopt.tasks import sentiment
+from prefopt.training.setup import make_collator, make_trainer, seed_everything, use_bf16
 
 log = logging.getLogger("prefopt")
 
@@ -58,8 +78,14 @@ class ExperimentConfig:
     loss: str = "sigmoid"
     beta: float = 0.1
     # the grid behind docs/frontier.png
-    grid: dict = field(default_factory=lambda: {"sigmoid": [0.05, 0.1, 0.3], "ipo": [0.25, 1.0],
-                                                "simpo": [2.5, 10.0], "kto": [0.1, 0.3]})
+    grid: dict = field(
+        default_factory=lambda: {
+            "sigmoid": [0.05, 0.1, 0.3],
+            "ipo": [0.25, 1.0],
+            "simpo": [2.5, 10.0],
+            "kto": [0.1, 0.3],
+        }
+    )
     rounds: int = 2
     lr: float = 4e-4
     epochs: float = 1.0
@@ -73,14 +99,19 @@ class ExperimentConfig:
     @classmethod
     def quick(cls, **kw) -> "ExperimentConfig":
         """A tiny run that checks the machinery (not a result)."""
-        base = dict(train_prompts=12, eval_prompts=4, samples=2, eval_samples=2, max_new_tokens=8, batch_size=4,
-                    grid={"sigmoid": [0.1], "kto": [0.1]})
+        base = dict(
+            train_prompts=12,
+            eval_prompts=4,
+            samples=2,
+            eval_samples=2,
+            max_new_tokens=8,
+            batch_size=4,
+            grid={"sigmoid": [0.1], "kto": [0.1]},
+        )
         return cls(**{**base, **kw})
 
 
 def load_config(path: Optional[str], overrides: Optional[dict] = None) -> ExperimentConfig:
-    from .config import read_yaml, set_keys
-
     raw, source = read_yaml(path or None)
     if not isinstance(raw, dict):
         raise PrefoptError(f"{source}: expected a mapping of keys, found {type(raw).__name__}.")
@@ -91,14 +122,21 @@ def load_config(path: Optional[str], overrides: Optional[dict] = None) -> Experi
 
 
 def validate(cfg: ExperimentConfig, source: str = "config") -> None:
-    from . import losses, rewards
-
     def bad(key, msg):
         raise PrefoptError(f"{source}: '{key}' {msg}")
 
     rewards.get(cfg.reward)  # a clear error now, not after sampling
-    for key in ("train_prompts", "eval_prompts", "samples", "eval_samples", "max_new_tokens", "batch_size",
-                "lora_r", "lora_alpha", "rounds"):
+    for key in (
+        "train_prompts",
+        "eval_prompts",
+        "samples",
+        "eval_samples",
+        "max_new_tokens",
+        "batch_size",
+        "lora_r",
+        "lora_alpha",
+        "rounds",
+    ):
         if getattr(cfg, key) < 1:
             bad(key, f"must be >= 1, found {getattr(cfg, key)}.")
     if cfg.samples < 2:
@@ -119,10 +157,6 @@ class Experiment:
     """The loaded model, tokenizer, prompts and reward of an experiment, and its steps."""
 
     def __init__(self, cfg: ExperimentConfig):
-        from . import rewards
-        from .modeling import load
-        from .train import seed_everything, use_bf16
-
         self.cfg = cfg
         seed_everything(cfg.seed)
         self.reward = rewards.get(cfg.reward)
@@ -131,101 +165,146 @@ class Experiment:
         texts = self._prompt_texts()
         need = cfg.train_prompts + cfg.eval_prompts
         if len(texts) < need:
-            raise PrefoptError(f"prompts '{cfg.prompts}': {len(texts)} prompts, but train_prompts + eval_prompts = "
-                               f"{need}.")
+            raise PrefoptError(
+                f"prompts '{cfg.prompts}': {len(texts)} prompts, but train_prompts + eval_prompts = {need}."
+            )
         order = list(range(len(texts)))
         random.Random(cfg.seed).shuffle(order)
-        self.train_text = [texts[i] for i in order[:cfg.train_prompts]]
-        self.eval_text = [texts[i] for i in order[len(order) - cfg.eval_prompts:]]
-        enc = lambda ts: [self.tokenizer(t, add_special_tokens=False).input_ids for t in ts]  # noqa: E731
-        self.train_ids, self.eval_ids = enc(self.train_text), enc(self.eval_text)
+        self.train_text = [texts[i] for i in order[: cfg.train_prompts]]
+        self.eval_text = [texts[i] for i in order[len(order) - cfg.eval_prompts :]]
+        self.train_ids, self.eval_ids = self.encode(self.train_text), self.encode(self.eval_text)
         self.bf16 = use_bf16("auto")
         self.autocast = torch.bfloat16 if self.bf16 else None
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._ref_eval_samples = None
 
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens."""
+        return [self.tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+
     def _prompt_texts(self) -> list[str]:
         if self.cfg.prompts == "sentiment":
-            from .tasks.sentiment import prompts
-
-            return prompts()
-        from .gen_eval import read_prompts
-
+            return sentiment.prompts()
         texts, _ = read_prompts(self.cfg.prompts, self.tokenizer)
         return texts
 
     def fresh_policy(self):
         """The base model with a new LoRA adapter (the reference is the adapter disabled)."""
-        from .config import LoraConfig
-        from .modeling import load
-
         torch.manual_seed(self.cfg.seed)
-        return load.add_lora(load.load_model(self.path),
-                             LoraConfig(enabled=True, r=self.cfg.lora_r, alpha=self.cfg.lora_alpha))
+        return load.add_lora(
+            load.load_model(self.path), LoraConfig(enabled=True, r=self.cfg.lora_r, alpha=self.cfg.lora_alpha)
+        )
 
-    def pairs(self, model, *, from_reference: bool, seed: int, beta: Optional[float] = None,
-              desc: str = "sampling pairs") -> tuple[list[dict], dict]:
+    def pairs(
+        self, model, *, from_reference: bool, seed: int, beta: Optional[float] = None, desc: str = "sampling pairs"
+    ) -> tuple[list[dict], dict]:
         """Sample `samples` responses per training prompt (from the reference or the current policy),
         score them and build pairs; returns (examples, counts)."""
-        from .sampling import sample
-
         if not from_reference and hasattr(model, "merge_adapter"):
             model.merge_adapter()
         try:
-            samples = sample(model, self.tokenizer, self.train_ids, self.cfg.samples,
-                             max_new_tokens=self.cfg.max_new_tokens, seed=seed, reference=from_reference,
-                             progress=self.cfg.progress, desc=desc)
+            samples = sample(
+                model,
+                self.tokenizer,
+                self.train_ids,
+                self.cfg.samples,
+                max_new_tokens=self.cfg.max_new_tokens,
+                seed=seed,
+                reference=from_reference,
+                progress=self.cfg.progress,
+                desc=desc,
+            )
         finally:
             if not from_reference and hasattr(model, "merge_adapter"):
                 model.unmerge_adapter()
-        examples, counts = build_pairs(self.train_ids, self.train_text, samples, self.tokenizer, self.reward,
-                                       self.cfg.pairs, beta or self.cfg.beta, seed)
+        examples, counts = build_pairs(
+            self.train_ids,
+            self.train_text,
+            samples,
+            self.tokenizer,
+            self.reward,
+            self.cfg.pairs,
+            beta or self.cfg.beta,
+            seed,
+        )
         if len(examples) < 2:
-            raise PrefoptError(f"reward '{self.cfg.reward}': only {len(examples)} pair(s) from {counts['prompts']} "
-                               f"prompts ({counts['ties']} tied, {counts['too_few_accepted']} with too few RSO "
-                               "acceptances); the reward does not tell the samples apart. Use more samples, more "
-                               "prompts or another reward.")
+            raise PrefoptError(
+                f"reward '{self.cfg.reward}': only {len(examples)} pair(s) from {counts['prompts']} "
+                f"prompts ({counts['ties']} tied, {counts['too_few_accepted']} with too few RSO "
+                "acceptances); the reward does not tell the samples apart. Use more samples, more "
+                "prompts or another reward."
+            )
         return examples, counts
 
-    def train(self, model, examples: list[dict], loss: str, beta: float, out: Path, unpaired: bool = False):
-        """Train `model`'s adapter on `examples` (pairs; unpaired=True: binarised into desirable /
-        undesirable completions for KTO-like losses). Returns the trainer's log."""
-        from .config import Config, LossConfig, TrainConfig, resolve_loss, validate as validate_cfg
-        from .modeling import reference
-        from .data.tokenize import attach_kl_completions
-        from .train import KL_BASELINE_LOSSES, make_collator, make_trainer
+    def training_config(self, loss: str, beta: float, out: Path) -> Config:
+        """The training config of one training block: LoRA on this experiment's model, `loss` at `beta`."""
+        cfg = Config(
+            model=ModelConfig(name=self.cfg.model),
+            lora=LoraConfig(enabled=True, r=self.cfg.lora_r, alpha=self.cfg.lora_alpha),
+            loss=LossConfig(name=loss, beta=beta),
+            train=TrainConfig(
+                output_dir=str(out),
+                epochs=self.cfg.epochs,
+                batch_size=self.cfg.batch_size,
+                lr=self.cfg.lr,
+                warmup_ratio=0.1,
+                seed=self.cfg.seed,
+                logging_steps=1,
+                save_steps=0,
+                progress=self.cfg.progress,
+                gradient_checkpointing=False,
+            ),
+        )  # short samples: speed first
+        complete(cfg, "experiment")
+        return cfg
 
-        cfg = Config(loss=LossConfig(name=loss, beta=beta),
-                     train=TrainConfig(output_dir=str(out), epochs=self.cfg.epochs, batch_size=self.cfg.batch_size,
-                                       lr=self.cfg.lr, warmup_ratio=0.1, seed=self.cfg.seed, logging_steps=1,
-                                       save_steps=0, progress=self.cfg.progress,
-                                       gradient_checkpointing=False))  # short samples: speed first
-        validate_cfg(cfg, "experiment")
+    def train(self, model, examples: list[dict], loss: str, beta: float, out: Path, save: bool = False):
+        """Train `model`'s adapter on `examples` (pairs; binarised into desirable / undesirable
+        completions for an unpaired loss). Returns the trainer's log; with `save`, the adapter and
+        its prefopt.yaml are written to `out` (so prefopt eval / score read the run back)."""
+        cfg = self.training_config(loss, beta, out)
         spec = resolve_loss(cfg.loss)
         if not spec.paired:
             examples = binarise(examples)
-            if spec.name in KL_BASELINE_LOSSES:
+            if spec.kl_baseline:
                 attach_kl_completions(examples, self.cfg.seed)
         examples = [dict(ex) for ex in examples]  # the reference values attached below stay with this run
         collator = make_collator(cfg, self.tokenizer)
         if spec.needs_reference:
-            reference.precompute(model, examples, collator, cache_dir=None, batch_size=32,
-                                 chunk=cfg.train.lm_head_chunk, autocast_dtype=self.autocast,
-                                 progress=self.cfg.progress)
+            reference.precompute(
+                model,
+                examples,
+                collator,
+                cache_dir=None,
+                batch_size=32,
+                chunk=cfg.train.lm_head_chunk,
+                autocast_dtype=self.autocast,
+                progress=self.cfg.progress,
+            )
         trainer = make_trainer(cfg, spec, model, self.tokenizer, collator, examples, [], self.bf16)
         trainer.train()
+        if save:
+            trainer.save_model(str(out))
+            config.save(cfg, Path(out) / "prefopt.yaml")
         return [h for h in trainer.state.log_history if "loss" in h]
 
     def evaluate(self, model) -> dict:
         """Reward and KL of the policy against the reference on the held-out prompts (the reference
         samples are drawn once and reused)."""
-        from .gen_eval import generation_eval
-
-        res = generation_eval(model, self.tokenizer, self.eval_ids, self.eval_text, self.reward,
-                              samples=self.cfg.eval_samples, max_new_tokens=self.cfg.max_new_tokens,
-                              seed=self.cfg.seed + 2, autocast_dtype=self.autocast,
-                              ref_samples=self._ref_eval_samples, progress=self.cfg.progress)
+        res = generation_eval(
+            model,
+            self.tokenizer,
+            self.eval_ids,
+            self.eval_text,
+            self.reward,
+            samples=self.cfg.eval_samples,
+            max_new_tokens=self.cfg.max_new_tokens,
+            seed=self.cfg.seed + 2,
+            autocast_dtype=self.autocast,
+            ref_samples=self._ref_eval_samples,
+            progress=self.cfg.progress,
+        )
         self._ref_eval_samples = res["ref_samples"]
         return res
 
@@ -251,8 +330,15 @@ def build_pairs(prompt_ids, prompt_texts, samples, tokenizer, reward, rule: str,
         if scores[best] == scores[worst]:
             counts["ties"] += 1
             continue
-        examples.append({"prompt_ids": p, "chosen_ids": responses[best], "rejected_ids": responses[worst],
-                         "chosen_reward": scores[best], "rejected_reward": scores[worst]})
+        examples.append(
+            {
+                "prompt_ids": p,
+                "chosen_ids": responses[best],
+                "rejected_ids": responses[worst],
+                "chosen_reward": scores[best],
+                "rejected_reward": scores[worst],
+            }
+        )
     counts["pairs"] = len(examples)
     return examples, counts
 
@@ -267,12 +353,39 @@ def binarise(pairs: list[dict]) -> list[dict]:
 
 
 def summary_row(**kw) -> dict:
+    """`kw` with floats rounded to 4 decimals (a row of a results CSV)."""
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in kw.items()}
 
 
+EVAL_FIELDS = ("reward_policy", "reward_reference", "reward_gain", "reward_se", "win_rate", "kl_nats")
+
+
+def result_row(ev: dict, history: list[dict], t0: float, **labels) -> dict:
+    """One results row: `labels`, the held-out evaluation `ev` (Experiment.evaluate), the
+    training log `history` (steps, first and last loss) and the seconds since `t0`."""
+    return summary_row(
+        **labels,
+        **{k: ev[k] for k in EVAL_FIELDS},
+        steps=len(history),
+        first_loss=history[0]["loss"],
+        last_loss=history[-1]["loss"],
+        seconds=elapsed(t0),
+    )
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """`rows` as CSV with `columns` (other keys of a row are left out)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def elapsed(t0: float) -> float:
+    """Seconds since `t0`, to 0.1 s."""
     return round(time.time() - t0, 1)
 
 
 def as_dict(cfg: ExperimentConfig) -> dict:
+    """The experiment config as a plain dict."""
     return dataclasses.asdict(cfg)

@@ -24,41 +24,46 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from .errors import PrefoptError
+from prefopt.errors import PrefoptError
+from prefopt.tasks.sentiment import vader_reward
 
 RewardFn = Callable[[list, list], list]
 
 
 def vader(prompts: list[str], responses: list[str]) -> list[float]:
     """VADER compound sentiment of each response (the prompt carries no preference signal)."""
-    from .tasks.sentiment import vader_reward
-
     return vader_reward(responses)
 
 
 def length(prompts: list[str], responses: list[str]) -> list[float]:
+    """Number of whitespace-separated words of each response."""
     return [float(len(r.split())) for r in responses]
 
 
 def regex(pattern: str) -> RewardFn:
+    """A reward of 1.0 where the response matches `pattern` (re.search), else 0.0."""
     try:
         compiled = re.compile(pattern)
     except re.error as e:
         raise PrefoptError(f"reward 'regex:{pattern}': not a valid regular expression ({e}).") from None
 
     def reward(prompts, responses):
+        """1.0 for each response that matches the pattern, else 0.0."""
         return [1.0 if compiled.search(r) else 0.0 for r in responses]
 
     return reward
 
 
 def keywords(words: str) -> RewardFn:
+    """A reward counting how many of the comma-separated `words` occur in the response (whole
+    words, case-insensitive)."""
     found = [w.strip() for w in words.split(",") if w.strip()]
     if not found:
         raise PrefoptError("reward 'keywords:': give the words, comma-separated (keywords:great,superb).")
     patterns = [re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE) for w in found]
 
     def reward(prompts, responses):
+        """How many of the words occur in each response."""
         return [float(sum(1 for p in patterns if p.search(r))) for r in responses]
 
     return reward
@@ -91,8 +96,10 @@ def _import(spec: str) -> RewardFn:
 def get(spec: str) -> RewardFn:
     """The reward function named by `spec` (see the module docstring), wrapped with checks."""
     if not isinstance(spec, str) or not spec:
-        raise PrefoptError(f"reward: expected a name such as vader, length, regex:..., keywords:..., or "
-                           f"module:function, found {spec!r}.")
+        raise PrefoptError(
+            f"reward: expected a name such as vader, length, regex:..., keywords:..., or "
+            f"module:function, found {spec!r}."
+        )
     if spec in BUILTIN:
         fn = BUILTIN[spec]
     elif spec.split(":", 1)[0] in FACTORIES:
@@ -101,26 +108,34 @@ def get(spec: str) -> RewardFn:
     elif ":" in spec:
         fn = _import(spec)
     else:
-        raise PrefoptError(f"reward '{spec}': unknown; built-ins are {', '.join(BUILTIN)}, "
-                           f"{', '.join(k + ':...' for k in FACTORIES)}, or name a function as module:function "
-                           "or path/to/file.py:function.")
+        raise PrefoptError(
+            f"reward '{spec}': unknown; built-ins are {', '.join(BUILTIN)}, "
+            f"{', '.join(k + ':...' for k in FACTORIES)}, or name a function as module:function "
+            "or path/to/file.py:function."
+        )
     return checked(fn, spec)
 
 
 def checked(fn: RewardFn, name: str) -> RewardFn:
+    """`fn` wrapped so that anything but one finite number per response raises a PrefoptError."""
+
     def reward(prompts: list[str], responses: list[str]) -> list[float]:
+        """The values of `fn` as floats, checked."""
         values = fn(list(prompts), list(responses))
         try:
             values = [float(v) for v in values]
         except (TypeError, ValueError):
-            raise PrefoptError(f"reward '{name}': must return one number per response; returned "
-                               f"{type(values).__name__} {str(values)[:80]}") from None
+            raise PrefoptError(
+                f"reward '{name}': must return one number per response; returned "
+                f"{type(values).__name__} {str(values)[:80]}"
+            ) from None
         if len(values) != len(responses):
             raise PrefoptError(f"reward '{name}': returned {len(values)} values for {len(responses)} responses.")
         bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
         if bad is not None:
-            raise PrefoptError(f"reward '{name}': value {values[bad]} for response {bad} ({responses[bad][:60]!r}) "
-                               "is not finite.")
+            raise PrefoptError(
+                f"reward '{name}': value {values[bad]} for response {bad} ({responses[bad][:60]!r}) is not finite."
+            )
         return values
 
     reward.__name__ = f"reward[{name}]"

@@ -17,9 +17,10 @@ import json
 import math
 from pathlib import Path
 
+import yaml
 from matplotlib.figure import Figure
 
-from .errors import PrefoptError
+from prefopt.errors import PrefoptError
 
 SMOOTH_ABOVE = 20  # more train points than this: raw line thin and faint, EMA drawn on top
 GREEN, RED, BLUE, ORANGE, GREY = "#2a9d5c", "#d1495b", "#3366cc", "#e69f00", "#555555"
@@ -27,51 +28,120 @@ GREEN, RED, BLUE, ORANGE, GREY = "#2a9d5c", "#d1495b", "#3366cc", "#e69f00", "#5
 # A line plot: file stem, title, y label, caption, lines (metric key, label, colour, linestyle),
 # whether to smooth. Keys starting with "eval_" come from eval lines, the others from train lines.
 PLOTS = [
-    ("loss", "Loss", "loss", "Training loss per step (faint) with its moving average, eval loss as dots. "
-     "For DPO it starts at ln 2 = 0.693; it should fall, and eval should follow train.",
-     [("loss", "train", BLUE, "-"), ("eval_loss", "eval", ORANGE, "-")], True),
-    ("accuracy", "Reward accuracy", "accuracy", "Fraction of examples the implicit reward ranks (paired) or "
-     "signs (unpaired) correctly; 0.5 is chance. Near 1.0 early on can mean the task is too easy.",
-     [("rewards/accuracies", "train", BLUE, "-"), ("eval_rewards/accuracies", "eval", ORANGE, "-")], True),
-    ("margins", "Reward margin", "chosen − rejected", "Mean implicit-reward margin, chosen minus rejected. "
-     "It should grow steadily; a sudden blow-up usually means over-optimisation (try a larger beta).",
-     [("rewards/margins", "train", BLUE, "-"), ("eval_rewards/margins", "eval", ORANGE, "-")], True),
-    ("logps", "Log-probabilities", "sequence log-prob", "Policy (solid) and reference (dashed) log-probs of "
-     "the chosen and rejected responses. Chosen should hold while rejected falls; both falling together is "
-     "the suppression failure mode.",
-     [("logps/chosen", "policy chosen", GREEN, "-"), ("logps/rejected", "policy rejected", RED, "-"),
-      ("logps/ref_chosen", "reference chosen", GREEN, "--"),
-      ("logps/ref_rejected", "reference rejected", RED, "--")], True),
-    ("rewards", "Implicit reward, chosen vs rejected", "reward", "Mean implicit reward of chosen and rejected "
-     "per step (for DPO beta·(log π − log π_ref)). The gap between them is the margin; a good run pushes "
-     "rejected down more than it pulls chosen down.",
-     [("rewards/chosen", "chosen", GREEN, "-"), ("rewards/rejected", "rejected", RED, "-")], True),
-    ("unpaired_rewards", "Implicit reward, desirable vs undesirable", "reward", "Mean implicit reward of "
-     "desirable and undesirable examples per step (unpaired loss); they should separate, desirable above.",
-     [("rewards/desirable", "desirable", GREEN, "-"), ("rewards/undesirable", "undesirable", RED, "-"),
-      ("eval_rewards/desirable", "eval desirable", GREEN, ":"),
-      ("eval_rewards/undesirable", "eval undesirable", RED, ":")], True),
-    ("kl", "KL estimate", "KL", "The unpaired loss's batch estimate of KL(policy ‖ reference), its reference "
-     "point; a steady rise means the policy is drifting from the reference.", [("kl", "KL", BLUE, "-")], True),
-    ("learning_rate", "Learning rate", "learning rate", "The schedule actually applied: warm-up, then decay.",
-     [("learning_rate", "learning rate", GREY, "-")], False),
-    ("grad_norm", "Gradient norm", "norm", "Gradient norm before clipping. Spikes that keep coming back point "
-     "to a too-high learning rate.", [("grad_norm", "grad norm", GREY, "-")], True),
-    ("throughput", "Throughput", "tokens / s", "Training tokens processed per second; dips are evaluation, "
-     "checkpointing or another job on the machine.",
-     [("throughput/tokens_per_s", "tokens/s", GREY, "-")], True),
+    (
+        "loss",
+        "Loss",
+        "loss",
+        "Training loss per step (faint) with its moving average, eval loss as dots. "
+        "For DPO it starts at ln 2 = 0.693; it should fall, and eval should follow train.",
+        [("loss", "train", BLUE, "-"), ("eval_loss", "eval", ORANGE, "-")],
+        True,
+    ),
+    (
+        "accuracy",
+        "Reward accuracy",
+        "accuracy",
+        "Fraction of examples the implicit reward ranks (paired) or "
+        "signs (unpaired) correctly; 0.5 is chance. Near 1.0 early on can mean the task is too easy.",
+        [("rewards/accuracies", "train", BLUE, "-"), ("eval_rewards/accuracies", "eval", ORANGE, "-")],
+        True,
+    ),
+    (
+        "margins",
+        "Reward margin",
+        "chosen − rejected",
+        "Mean implicit-reward margin, chosen minus rejected. "
+        "It should grow steadily; a sudden blow-up usually means over-optimisation (try a larger beta).",
+        [("rewards/margins", "train", BLUE, "-"), ("eval_rewards/margins", "eval", ORANGE, "-")],
+        True,
+    ),
+    (
+        "logps",
+        "Log-probabilities",
+        "sequence log-prob",
+        "Policy (solid) and reference (dashed) log-probs of "
+        "the chosen and rejected responses. Chosen should hold while rejected falls; both falling together is "
+        "the suppression failure mode.",
+        [
+            ("logps/chosen", "policy chosen", GREEN, "-"),
+            ("logps/rejected", "policy rejected", RED, "-"),
+            ("logps/ref_chosen", "reference chosen", GREEN, "--"),
+            ("logps/ref_rejected", "reference rejected", RED, "--"),
+        ],
+        True,
+    ),
+    (
+        "rewards",
+        "Implicit reward, chosen vs rejected",
+        "reward",
+        "Mean implicit reward of chosen and rejected "
+        "per step (for DPO beta·(log π − log π_ref)). The gap between them is the margin; a good run pushes "
+        "rejected down more than it pulls chosen down.",
+        [("rewards/chosen", "chosen", GREEN, "-"), ("rewards/rejected", "rejected", RED, "-")],
+        True,
+    ),
+    (
+        "unpaired_rewards",
+        "Implicit reward, desirable vs undesirable",
+        "reward",
+        "Mean implicit reward of "
+        "desirable and undesirable examples per step (unpaired loss); they should separate, desirable above.",
+        [
+            ("rewards/desirable", "desirable", GREEN, "-"),
+            ("rewards/undesirable", "undesirable", RED, "-"),
+            ("eval_rewards/desirable", "eval desirable", GREEN, ":"),
+            ("eval_rewards/undesirable", "eval undesirable", RED, ":"),
+        ],
+        True,
+    ),
+    (
+        "kl",
+        "KL estimate",
+        "KL",
+        "The unpaired loss's batch estimate of KL(policy ‖ reference), its reference "
+        "point; a steady rise means the policy is drifting from the reference.",
+        [("kl", "KL", BLUE, "-")],
+        True,
+    ),
+    (
+        "learning_rate",
+        "Learning rate",
+        "learning rate",
+        "The schedule actually applied: warm-up, then decay.",
+        [("learning_rate", "learning rate", GREY, "-")],
+        False,
+    ),
+    (
+        "grad_norm",
+        "Gradient norm",
+        "norm",
+        "Gradient norm before clipping. Spikes that keep coming back point to a too-high learning rate.",
+        [("grad_norm", "grad norm", GREY, "-")],
+        True,
+    ),
+    (
+        "throughput",
+        "Throughput",
+        "tokens / s",
+        "Training tokens processed per second; dips are evaluation, checkpointing or another job on the machine.",
+        [("throughput/tokens_per_s", "tokens/s", GREY, "-")],
+        True,
+    ),
 ]
 GUIDES = {"accuracy": 0.5, "margins": 0.0, "rewards": 0.0, "unpaired_rewards": 0.0}  # dotted y line: chance / 0
-HIST_CAPTION = ("Distribution of the per-step <em>mean</em> implicit rewards of chosen and rejected responses "
-                "(per-example rewards are not stored). The two should drift apart as training goes on.")
+HIST_CAPTION = (
+    "Distribution of the per-step <em>mean</em> implicit rewards of chosen and rejected responses "
+    "(per-example rewards are not stored). The two should drift apart as training goes on."
+)
 
 
 def write_report(outdir, dest=None) -> Path:
     """Write DEST (default OUTDIR/report)/index.html and its PNGs; return the path of index.html."""
     outdir = Path(outdir)
     if not outdir.is_dir():
-        raise PrefoptError(f"{outdir} is not a folder; expected the output folder of a training run "
-                           "(the one holding metrics.jsonl).")
+        raise PrefoptError(
+            f"{outdir} is not a folder; expected the output folder of a training run (the one holding metrics.jsonl)."
+        )
     rows = read_metrics(outdir / "metrics.jsonl")
     series = _series(rows["train"], rows["eval"])
     dest = Path(dest) if dest is not None else outdir / "report"
@@ -92,8 +162,9 @@ def write_report(outdir, dest=None) -> Path:
 def read_metrics(path: Path) -> dict:
     """{"train"|"eval"|"summary": [record, ...] sorted by step}; the last line of a (step, kind) wins."""
     if not path.is_file():
-        raise PrefoptError(f"{path} not found; expected the metrics.jsonl that a training run writes "
-                           "into its output folder.")
+        raise PrefoptError(
+            f"{path} not found; expected the metrics.jsonl that a training run writes into its output folder."
+        )
     latest = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -101,15 +172,16 @@ def read_metrics(path: Path) -> dict:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise PrefoptError(f"{path} line {n}: not valid JSON ({e.msg}); expected one JSON object "
-                               "per line.") from None
+            raise PrefoptError(
+                f"{path} line {n}: not valid JSON ({e.msg}); expected one JSON object per line."
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
-            raise PrefoptError(f"{path} line {n}: expected a JSON object with a numeric \"step\".")
+            raise PrefoptError(f'{path} line {n}: expected a JSON object with a numeric "step".')
         latest[(record["step"], _kind(record))] = record
     if not latest:
         raise PrefoptError(f"{path} is empty; expected one JSON object per logged training step.")
     rows = {"train": [], "eval": [], "summary": []}
-    for (step, kind), record in sorted(latest.items(), key=lambda kv: kv[0][0]):
+    for (_step, kind), record in sorted(latest.items(), key=lambda kv: kv[0][0]):
         rows[kind].append(record)
     return rows
 
@@ -170,8 +242,15 @@ def _line_plot(path: Path, title, ylabel, lines, series, smooth, guide=None) -> 
             ax.plot(steps, values, style, color=colour, lw=0.8, alpha=0.3)
             ax.plot(steps, _ema(values), style, color=colour, lw=1.8, label=f"{label} (EMA)")
         else:
-            ax.plot(steps, values, style, color=colour, lw=1.5, marker="." if len(values) <= SMOOTH_ABOVE
-                    else None, label=label)
+            ax.plot(
+                steps,
+                values,
+                style,
+                color=colour,
+                lw=1.5,
+                marker="." if len(values) <= SMOOTH_ABOVE else None,
+                label=label,
+            )
     ax.set_xlabel("step")
     labelled = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
     if len(labelled) > 1 or "EMA" in labelled[0]:
@@ -195,8 +274,6 @@ def _config_summary(outdir: Path) -> list:
     path = outdir / "prefopt.yaml"
     if not path.is_file():
         return []
-    import yaml
-
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError:
@@ -204,14 +281,19 @@ def _config_summary(outdir: Path) -> list:
     if not isinstance(cfg, dict):
         return [("config", "prefopt.yaml is not a mapping")]
     model, lora, loss, train, data = (cfg.get(s) or {} for s in ("model", "lora", "loss", "train", "data"))
-    items = [("model", model.get("name")), ("loss", loss.get("name")),
-             ("beta", loss.get("beta") if loss.get("beta") is not None else "default"),
-             ("LoRA", f"r={lora.get('r')}, alpha={lora.get('alpha')}" if lora.get("enabled") else "off"),
-             ("learning rate", train.get("lr")),
-             ("batch", f"{train.get('batch_size')} per device × {train.get('grad_accum', 1)} accumulation"),
-             ("length", f"{train['max_steps']} steps" if (train.get("max_steps") or -1) > 0
-              else f"{train.get('epochs')} epochs"),
-             ("train data", data.get("train"))]
+    items = [
+        ("model", model.get("name")),
+        ("loss", loss.get("name")),
+        ("beta", loss.get("beta") if loss.get("beta") is not None else "default"),
+        ("LoRA", f"r={lora.get('r')}, alpha={lora.get('alpha')}" if lora.get("enabled") else "off"),
+        ("learning rate", train.get("lr")),
+        ("batch", f"{train.get('batch_size')} per device × {train.get('grad_accum', 1)} accumulation"),
+        (
+            "length",
+            f"{train['max_steps']} steps" if (train.get("max_steps") or -1) > 0 else f"{train.get('epochs')} epochs",
+        ),
+        ("train data", data.get("train")),
+    ]
     return [(k, v) for k, v in items if v is not None]
 
 
@@ -219,18 +301,21 @@ def _summary(rows: dict) -> list:
     """[(label, value)] for the summary table: the figures a colleague looks at first."""
     train, evals, final = rows["train"], rows["eval"], (rows["summary"] or [{}])[-1]
     losses = [r["loss"] for r in train if _is_number(r.get("loss"))]
-    items = [("steps", max(r["step"] for r in train) if train else None),
-             ("first loss", losses[0] if losses else None), ("last loss", losses[-1] if losses else None),
-             ("final accuracy", _last(train, "rewards/accuracies")),
-             ("final margin", _last(train, "rewards/margins")),
-             ("final reward–length correlation", _last(train, "rewards/length_corr")),
-             ("mean train loss", final.get("train_loss")),
-             ("runtime", _duration(final["train_runtime"]) if _is_number(final.get("train_runtime")) else None),
-             ("samples / s", final.get("train_samples_per_second")),
-             ("eval points", len(evals) or None),
-             ("final eval loss", _last(evals, "eval_loss")),
-             ("final eval accuracy", _last(evals, "eval_rewards/accuracies")),
-             ("final eval margin", _last(evals, "eval_rewards/margins"))]
+    items = [
+        ("steps", max(r["step"] for r in train) if train else None),
+        ("first loss", losses[0] if losses else None),
+        ("last loss", losses[-1] if losses else None),
+        ("final accuracy", _last(train, "rewards/accuracies")),
+        ("final margin", _last(train, "rewards/margins")),
+        ("final reward–length correlation", _last(train, "rewards/length_corr")),
+        ("mean train loss", final.get("train_loss")),
+        ("runtime", _duration(final["train_runtime"]) if _is_number(final.get("train_runtime")) else None),
+        ("samples / s", final.get("train_samples_per_second")),
+        ("eval points", len(evals) or None),
+        ("final eval loss", _last(evals, "eval_loss")),
+        ("final eval accuracy", _last(evals, "eval_rewards/accuracies")),
+        ("final eval margin", _last(evals, "eval_rewards/margins")),
+    ]
     return [(k, _fmt(v)) for k, v in items if v is not None]
 
 
@@ -272,12 +357,16 @@ def _html(outdir: Path, config: list, summary: list, figures: list) -> str:
     e = html.escape
     cards = "".join(f'<span class="card"><b>{e(k)}</b>{e(str(v))}</span>' for k, v in config)
     table = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in summary)
-    figs = "".join(f'<figure><img src="{e(src)}" alt="{e(title)}"><figcaption><b>{e(title)}.</b> {caption}'
-                   f"</figcaption></figure>\n" for src, title, caption in figures)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
-            f"<title>prefopt report: {e(outdir.name)}</title>\n<style>{CSS}</style></head>\n<body><main>\n"
-            f'<h1>Training report</h1>\n<div class="path">{e(str(outdir.resolve()))}</div>\n'
-            + (f'<div class="cards">{cards}</div>\n' if cards else "")
-            + f"<h2>Summary</h2>\n<table>{table}</table>\n"
-            + (f'<h2>Plots</h2>\n<div class="grid">\n{figs}</div>\n' if figs else "<p>No plottable metrics.</p>")
-            + "</main></body></html>\n")
+    figs = "".join(
+        f'<figure><img src="{e(src)}" alt="{e(title)}"><figcaption><b>{e(title)}.</b> {caption}</figcaption></figure>\n'
+        for src, title, caption in figures
+    )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+        f"<title>prefopt report: {e(outdir.name)}</title>\n<style>{CSS}</style></head>\n<body><main>\n"
+        f'<h1>Training report</h1>\n<div class="path">{e(str(outdir.resolve()))}</div>\n'
+        + (f'<div class="cards">{cards}</div>\n' if cards else "")
+        + f"<h2>Summary</h2>\n<table>{table}</table>\n"
+        + (f'<h2>Plots</h2>\n<div class="grid">\n{figs}</div>\n' if figs else "<p>No plottable metrics.</p>")
+        + "</main></body></html>\n"
+    )

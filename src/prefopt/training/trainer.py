@@ -17,33 +17,11 @@ import torch
 from accelerate.utils import AutocastKwargs, DistributedType
 from transformers import Trainer, TrainerCallback
 
-from . import checkpoints, losses
-from .modeling.logprobs import sequence_logps
-from .modeling.sparse_embedding import sparse_tied_embedding_grads
-
-
-def reference_logps(model, batch: dict, ref_model=None, chunk: int = 1024) -> torch.Tensor:
-    """Reference log-probs of a batch: precomputed, a frozen copy, or the policy with its adapter off."""
-    return reference_outputs(model, batch, ref_model, chunk)["logps"]
-
-
-def reference_outputs(model, batch: dict, ref_model=None, chunk: int = 1024) -> dict:
-    """{"logps"} of the reference (and "prefix_logps" when the batch flags LD-DPO prefixes):
-    precomputed, a frozen copy, or the policy with its adapter off."""
-    if "ref_logps" in batch:
-        out = {"logps": batch["ref_logps"]}
-        if "ref_prefix_logps" in batch:
-            out["prefix_logps"] = batch["ref_prefix_logps"]
-        return out
-    with torch.no_grad():
-        if ref_model is not None:
-            return sequence_logps(ref_model, batch, chunk)
-        base = model.module if hasattr(model, "module") and not hasattr(model, "disable_adapter") else model
-        if not hasattr(base, "disable_adapter"):
-            raise RuntimeError("no reference: give ref_model, precomputed ref_logps, or a peft model")
-        with base.disable_adapter():
-            return sequence_logps(model, batch, chunk)
-
+from prefopt import losses
+from prefopt.modeling import reference
+from prefopt.modeling.logprobs import sequence_logps
+from prefopt.modeling.sparse_embedding import sparse_tied_embedding_grads
+from prefopt.training import checkpoints
 
 LENGTH_CORR_SEQS = 512  # sequences behind rewards/length_corr
 LOSS_STATE_FILE = "prefopt_loss_state.json"  # in a checkpoint: the state a stateful loss keeps across steps
@@ -63,13 +41,34 @@ class _GlobalBCOState(losses.BCOState):
         return super().update(rewards)
 
 
-class PreferenceTrainer(Trainer):
-    """`ld_alpha` (LD-DPO; None = off) and `wpo` (WPO pair weights) modify a paired loss: the
-    batches must then come from a Collator built with ld_prefix=True (and, with precomputed
-    reference log-probs, carry ref_prefix_logps)."""
+def _split(x, K: int):
+    """Rows interleaved in groups of K -> (first of each group, second of each group or None)."""
+    if x is None:
+        return None, None
+    return x[0::K], (x[1::K] if K == 2 else None)
 
-    def __init__(self, *args, loss: losses.LossSpec, loss_kwargs: dict, ref_model=None,
-                 lm_head_chunk: int = 1024, ld_alpha: Optional[float] = None, wpo: bool = False, **kwargs):
+
+class PreferenceTrainer(Trainer):
+    """A transformers.Trainer whose loss is `loss` (a LossSpec) with hyperparameters `loss_kwargs`.
+
+    The reference is the batch's precomputed `ref_logps`, `ref_model` (a frozen copy), or the
+    policy with its adapter off. `ld_alpha` (LD-DPO; None = off) and `wpo` (WPO pair weights,
+    capped at `wpo_clamp`; None = uncapped) modify a paired loss: the batches must then come from a
+    Collator built with ld_prefix=True (and, with precomputed reference log-probs, carry
+    ref_prefix_logps)."""
+
+    def __init__(
+        self,
+        *args,
+        loss: losses.LossSpec,
+        loss_kwargs: dict,
+        ref_model=None,
+        lm_head_chunk: int = 1024,
+        ld_alpha: Optional[float] = None,
+        wpo: bool = False,
+        wpo_clamp: Optional[float] = 1.0,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         if (ld_alpha is not None or wpo) and not loss.paired:
             raise ValueError(f"ld_alpha / wpo modify paired losses; '{loss.name}' is unpaired")
@@ -79,6 +78,7 @@ class PreferenceTrainer(Trainer):
         self.lm_head_chunk = lm_head_chunk
         self.ld_alpha = ld_alpha
         self.wpo = bool(wpo)
+        self.wpo_clamp = wpo_clamp
         self.loss_state = _GlobalBCOState(self.accelerator) if loss.stateful else None
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         # (implicit rewards, lengths) of recently trained batches, kept on the device (no sync per
@@ -106,62 +106,96 @@ class PreferenceTrainer(Trainer):
         if self.ld_alpha is None:
             return out["logps"]
         if "prefix_logps" not in out:
-            raise RuntimeError("LD-DPO (ld_alpha) needs batches from a Collator built with ld_prefix=True "
-                               "(and precomputed reference log-probs with ref_prefix_logps)")
+            raise RuntimeError(
+                "LD-DPO (ld_alpha) needs batches from a Collator built with ld_prefix=True "
+                "(and precomputed reference log-probs with ref_prefix_logps)"
+            )
         prefix = out["prefix_logps"].to(out["logps"].dtype)
         return losses.ld_logps(prefix, out["logps"] - prefix, self.ld_alpha)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The batch's mean preference loss (WPO-weighted when on); logs its metrics."""
         out = sequence_logps(model, inputs, self.lm_head_chunk, sq_mass=self.wpo)
         if model.training:
-            if self._tokens_since is None:
-                self._tokens_since = time.perf_counter()
-            self._tokens = self._tokens.to(inputs["doc_ids"].device) + (inputs["doc_ids"] >= 0).sum()
-        # Sequences come in twos — (chosen, rejected) for pairs, (completion, mismatched completion
-        # for the KL baseline) for KTO — or alone (an unpaired completion without KL baseline).
-        K = 2 if self.loss_spec.paired else out["logps"].shape[0] // inputs["labels_bool"].shape[0]
+            self._count_tokens(inputs)
         ref = None
         if self.loss_spec.needs_reference:
-            ref_out = reference_outputs(model, inputs, self.ref_model, self.lm_head_chunk)
+            ref_out = reference.outputs(model, inputs, self.ref_model, self.lm_head_chunk)
             ref = self._ld(ref_out).to(out["logps"].dtype)
         logps = self._ld(out)
-
-        def split(x):
-            return (None, None) if x is None else (x[0::K], x[1::K] if K == 2 else None)
-
-        (logp_a, logp_b), (len_a, len_b), (ref_a, ref_b) = split(logps), split(out["lengths"]), split(ref)
         extra = {}
         if self.loss_spec.stateful:  # evaluation uses the running state without advancing it
-            extra["state"] = self.loss_state if model.training else losses.BCOState(self.loss_state.mean,
-                                                                                    self.loss_state.count)
-        beta = self.loss_kwargs.get("beta") or 1.0
-        weights = None
+            extra["state"] = (
+                self.loss_state if model.training else losses.BCOState(self.loss_state.mean, self.loss_state.count)
+            )
         if self.loss_spec.paired:
-            per_example = self.loss_spec.fn(logp_a, logp_b, ref_a, ref_b, len_c=len_a, len_r=len_b,
-                                            **self.loss_kwargs, **extra)
-            stats = self._pair_stats(beta, logp_a, logp_b, ref_a, ref_b, len_a, len_b)
-            if model.training and ref is not None:
-                self._reward_length.append(torch.stack([
-                    torch.cat([stats["rewards/chosen"], stats["rewards/rejected"]]).float(),
-                    torch.cat([len_a, len_b]).float()]))
-            if self.wpo:  # the policy's own (plain, not LD) per-token probabilities, weight-aligned
-                raw_c, raw_r = split(out["logps"])
-                sq_c, sq_r = split(out["sq_mass"])
-                weights = losses.wpo_weights(raw_c, raw_r, len_a, len_b, sq_mass_c=sq_c, sq_mass_r=sq_r)
-                stats["wpo/weights"] = weights
+            per_example, weights, stats = self._paired(model, out, logps, ref, extra)
         else:
-            label = inputs["labels_bool"]
-            kl_logp, kl_ref = logp_b, ref_b
-            if self.accelerator.num_processes > 1 and kl_ref is not None:  # z0 from the global batch
-                kl_logp = self.accelerator.gather(kl_logp.detach())
-                kl_ref = self.accelerator.gather(kl_ref)
-            per_example = self.loss_spec.fn(logp_a, ref_a, label, kl_logp=kl_logp, kl_ref_logp=kl_ref,
-                                            len=len_a, **self.loss_kwargs, **extra)
-            stats = self._unpaired_stats(beta, label, logp_a, ref_a, kl_logp, kl_ref)  # KL over the global batch
+            per_example, stats = self._unpaired(inputs, out, logps, ref, extra)
+            weights = None
         loss = (per_example if weights is None else weights * per_example).mean()
-        split_name = "train" if model.training else "eval"
-        # means over the global batch from one reduction of (sum, count) per metric: a rank's batch
-        # may hold no desirable (or no undesirable) example, so sizes differ between ranks
+        self._record(stats, "train" if model.training else "eval")
+        if return_outputs:
+            # what the loss saw, for inspection: the (LD-modified) log-probs, the per-example losses
+            # and the WPO weights (None when off)
+            out = {
+                **out,
+                "loss_logps": logps.detach(),
+                "loss_ref_logps": None if ref is None else ref.detach(),
+                "per_example": per_example.detach(),
+                "wpo_weights": weights,
+            }
+            return loss, out
+        return loss
+
+    def _count_tokens(self, inputs) -> None:
+        """Real (non-pad) tokens trained on, for throughput/tokens_per_s."""
+        if self._tokens_since is None:
+            self._tokens_since = time.perf_counter()
+        self._tokens = self._tokens.to(inputs["doc_ids"].device) + (inputs["doc_ids"] >= 0).sum()
+
+    def _paired(self, model, out: dict, logps, ref, extra: dict):
+        """(per-pair losses, WPO weights or None, metrics) of a batch of (chosen, rejected) rows."""
+        (logp_c, logp_r), (len_c, len_r), (ref_c, ref_r) = _split(logps, 2), _split(out["lengths"], 2), _split(ref, 2)
+        per_example = self.loss_spec.fn(
+            logp_c, logp_r, ref_c, ref_r, len_c=len_c, len_r=len_r, **self.loss_kwargs, **extra
+        )
+        stats = self._pair_stats(logp_c, logp_r, ref_c, ref_r, len_c, len_r)
+        if model.training and ref is not None:
+            self._reward_length.append(
+                torch.stack(
+                    [
+                        torch.cat([stats["rewards/chosen"], stats["rewards/rejected"]]).float(),
+                        torch.cat([len_c, len_r]).float(),
+                    ]
+                )
+            )
+        weights = None
+        if self.wpo:  # the policy's own (plain, not LD) per-token probabilities, weight-aligned
+            (raw_c, raw_r), (sq_c, sq_r) = _split(out["logps"], 2), _split(out["sq_mass"], 2)
+            weights = losses.wpo_weights(
+                raw_c, raw_r, len_c, len_r, sq_mass_c=sq_c, sq_mass_r=sq_r, clamp_max=self.wpo_clamp
+            )
+            stats["wpo/weights"] = weights
+        return per_example, weights, stats
+
+    def _unpaired(self, inputs, out: dict, logps, ref, extra: dict):
+        """(per-example losses, metrics) of a batch of labelled completions. Rows come in twos —
+        (completion, mismatched completion for the KL baseline) — or alone (no KL baseline)."""
+        label = inputs["labels_bool"]
+        K = out["logps"].shape[0] // label.shape[0]
+        (logp, kl_logp), (length, _), (ref_a, kl_ref) = _split(logps, K), _split(out["lengths"], K), _split(ref, K)
+        if self.accelerator.num_processes > 1 and kl_ref is not None:  # z0 from the global batch
+            kl_logp = self.accelerator.gather(kl_logp.detach())
+            kl_ref = self.accelerator.gather(kl_ref)
+        per_example = self.loss_spec.fn(
+            logp, ref_a, label, kl_logp=kl_logp, kl_ref_logp=kl_ref, len=length, **self.loss_kwargs, **extra
+        )
+        return per_example, self._unpaired_stats(label, logp, ref_a, length, kl_logp, kl_ref)
+
+    def _record(self, stats: dict, split_name: str) -> None:
+        """Means over the global batch from one reduction of (sum, count) per metric: a rank's
+        batch may hold no desirable (or no undesirable) example, so sizes differ between ranks."""
         keys = list(stats)
         sums = torch.stack([stats[k].detach().float().sum() for k in keys])
         counts = torch.tensor([float(stats[k].numel()) for k in keys], device=sums.device)
@@ -171,48 +205,48 @@ class PreferenceTrainer(Trainer):
         for k, total, n in zip(keys, *totals.tolist()):
             if n:
                 self._metrics[split_name][k].append(total / n)
-        if return_outputs:
-            # what the loss saw, for inspection: the (LD-modified) log-probs, the per-example losses
-            # and the WPO weights (None when off)
-            out = {**out, "loss_logps": logps.detach(), "loss_ref_logps": None if ref is None else ref.detach(),
-                   "per_example": per_example.detach(), "wpo_weights": weights}
-            return loss, out
-        return loss
 
-    @staticmethod
+    def rewards(self, logps, ref, lengths):
+        """The implicit rewards of responses (losses.implicit_rewards with this run's loss)."""
+        return losses.implicit_rewards(self.loss_spec, self.loss_kwargs, logps, ref, lengths)
+
     @torch.no_grad()
-    def _pair_stats(beta, logp_c, logp_r, ref_c, ref_r, len_c, len_r) -> dict:
-        # implicit rewards β·(log π − log π_ref); reference-free losses: β·log π
-        reward_c = beta * (logp_c - (ref_c if ref_c is not None else 0))
-        reward_r = beta * (logp_r - (ref_r if ref_r is not None else 0))
+    def _pair_stats(self, logp_c, logp_r, ref_c, ref_r, len_c, len_r) -> dict:
+        reward_c, reward_r = self.rewards(logp_c, ref_c, len_c), self.rewards(logp_r, ref_r, len_r)
         stats = {
-            "rewards/chosen": reward_c, "rewards/rejected": reward_r,
+            "rewards/chosen": reward_c,
+            "rewards/rejected": reward_r,
             "rewards/margins": reward_c - reward_r,
             "rewards/accuracies": (reward_c > reward_r).float(),
-            "logps/chosen": logp_c, "logps/rejected": logp_r,
-            "lengths/chosen": len_c, "lengths/rejected": len_r,
+            "logps/chosen": logp_c,
+            "logps/rejected": logp_r,
+            "lengths/chosen": len_c,
+            "lengths/rejected": len_r,
         }
         if ref_c is not None:
             stats["logps/ref_chosen"], stats["logps/ref_rejected"] = ref_c, ref_r
         return stats
 
-    @staticmethod
     @torch.no_grad()
-    def _unpaired_stats(beta, label, logp, ref, kl_logp, kl_ref) -> dict:
-        reward = beta * (logp - (ref if ref is not None else 0))
-        stats = {"rewards/desirable": reward[label], "rewards/undesirable": reward[~label],
-                 "logps/desirable": logp[label], "logps/undesirable": logp[~label],
-                 # accuracy of the implicit reward's sign against the labels
-                 "rewards/accuracies": ((reward > 0) == label).float()}
+    def _unpaired_stats(self, label, logp, ref, length, kl_logp, kl_ref) -> dict:
+        reward = self.rewards(logp, ref, length)
+        stats = {
+            "rewards/desirable": reward[label],
+            "rewards/undesirable": reward[~label],
+            "logps/desirable": logp[label],
+            "logps/undesirable": logp[~label],
+            # accuracy of the implicit reward's sign against the labels
+            "rewards/accuracies": ((reward > 0) == label).float(),
+        }
         if kl_ref is not None:
-            stats["kl"] = (kl_logp - kl_ref).mean().clamp(min=0)[None]
+            stats["kl"] = (kl_logp - kl_ref).mean().clamp(min=0)[None]  # KL over the global batch
         return stats
 
     # ---- checkpoints: atomic, and no pickle ----
 
     def _save_checkpoint(self, model, trial):
         """transformers' checkpoint, written into OUT/.partial and renamed into place only when
-        complete (see prefopt.checkpoints)."""
+        complete (see prefopt.training.checkpoints)."""
         run_dir = self.args.output_dir
         name = f"{checkpoints.PREFIX}{self.state.global_step}"
         staging = os.path.join(run_dir, checkpoints.STAGING)

@@ -15,11 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..errors import PrefoptError
+from peft import PeftModel
+
+from prefopt import config as config_mod
+from prefopt import losses
+from prefopt.errors import PrefoptError
+from prefopt.modeling import load
 
 
 @dataclass
 class Trained:
+    """A trained run loaded back: policy, reference, tokenizer, config and loss of OUT."""
+
     model: object  # the policy (a peft model for LoRA)
     ref_model: Optional[object]  # the frozen reference for a full fine-tune; None for LoRA
     tokenizer: object
@@ -28,8 +35,14 @@ class Trained:
     path: Path
 
     @property
+    def hyper(self) -> dict:
+        """The loss's hyperparameters as the run used them (saved in prefopt.yaml)."""
+        return {k: getattr(self.cfg.loss, k) for k in self.spec.hyperparameters}
+
+    @property
     def beta(self) -> float:
-        return float(self.cfg.loss.beta) if self.cfg.loss.beta is not None else 1.0
+        """β of the implicit reward (1 for a loss without one)."""
+        return losses.reward_scale(self.hyper)
 
     def reference(self):
         """Context manager yielding the reference model (adapter disabled, or the frozen copy)."""
@@ -45,17 +58,18 @@ def _disabled(model):
 
 
 def find_config(out: Path) -> Path:
+    """The prefopt.yaml of output folder `out` (or of its parent, for a checkpoint folder)."""
     for folder in (out, out.parent):
         if (folder / "prefopt.yaml").is_file():
             return folder / "prefopt.yaml"
-    raise PrefoptError(f"{out}: no prefopt.yaml here or in its parent folder; give the output folder of a "
-                       "`prefopt train` run (it holds the model and the resolved config).")
+    raise PrefoptError(
+        f"{out}: no prefopt.yaml here or in its parent folder; give the output folder of a "
+        "`prefopt train` run (it holds the model and the resolved config)."
+    )
 
 
 def load_trained(out_dir: str, dtype: Optional[str] = None) -> Trained:
-    from .. import config as config_mod
-    from . import load
-
+    """The policy, reference, tokenizer and config of the `prefopt train` output folder `out_dir`."""
     out = Path(out_dir)
     if not out.is_dir():
         raise PrefoptError(f"{out_dir}: no such folder; give the output folder of a `prefopt train` run.")
@@ -65,20 +79,24 @@ def load_trained(out_dir: str, dtype: Optional[str] = None) -> Trained:
     tokenizer_dir = out if (out / "tokenizer_config.json").is_file() else load.resolve(cfg.model.name)
     tokenizer = load.load_tokenizer(str(tokenizer_dir), trust_remote_code=cfg.model.trust_remote_code)
     base_path = load.resolve(cfg.model.name)
-    common = dict(dtype=dtype, attn_implementation=cfg.model.attn_implementation, revision=cfg.model.revision,
-                  trust_remote_code=cfg.model.trust_remote_code)
+    common = dict(
+        dtype=dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
     if (out / "adapter_config.json").is_file():
-        from peft import PeftModel
-
         model = PeftModel.from_pretrained(load.load_model(base_path, **common), str(out))
         ref_model = None
     elif (out / "config.json").is_file():
         model = load.load_model(str(out), **{**common, "revision": None})
         ref_model = load.load_model(base_path, **common) if spec.needs_reference else None
     else:
-        raise PrefoptError(f"{out}: holds neither a model (config.json) nor a LoRA adapter (adapter_config.json); "
-                           "was the training run finished? (an interrupted run's weights are in its checkpoint-N "
-                           "folders)")
+        raise PrefoptError(
+            f"{out}: holds neither a model (config.json) nor a LoRA adapter (adapter_config.json); "
+            "was the training run finished? (an interrupted run's weights are in its checkpoint-N "
+            "folders)"
+        )
     model.eval()
     if ref_model is not None:
         ref_model.requires_grad_(False).eval()

@@ -1,0 +1,195 @@
+"""Building blocks every training job shares: precision, seeding, the model to train, the
+collator, transformers' TrainingArguments and the PreferenceTrainer with its callbacks.
+
+The training recipe (prefopt.recipes.train) and the experiments (prefopt.experiments) put these
+together; nothing here reads a command line or decides what a job does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import TrainingArguments, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from prefopt import losses
+from prefopt.config import Config
+from prefopt.data.collate import Collator
+from prefopt.errors import PrefoptError
+from prefopt.modeling import load
+from prefopt.modeling.checkpointing import checkpoint_mlps
+from prefopt.training import checkpoints
+from prefopt.training.monitor import FailureMonitor
+from prefopt.training.trainer import JsonlMetrics, PreferenceTrainer
+
+log = logging.getLogger("prefopt")
+
+
+def bf16_supported() -> bool:
+    """Whether bf16 autocast is fast here: a GPU with bf16, or a CPU with AVX512-BF16 or AMX
+    (on other CPUs autocast is ~15x slower than float32)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def use_bf16(setting) -> bool:
+    """train.bf16 resolved: "auto" means bf16_supported(), true/false as given."""
+    return bf16_supported() if setting == "auto" else bool(setting)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (transformers.set_seed) with `seed`."""
+    random.seed(seed)
+    set_seed(seed)
+
+
+def build_model(cfg: Config, path: str):
+    """The model to train: loaded from `path` with cfg.model's options, a LoRA adapter added when
+    cfg.lora.enabled, and MLP-only checkpointing applied for gradient_checkpointing: mlp."""
+    model = load.load_model(
+        path,
+        dtype=cfg.model.dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    if cfg.lora.enabled:
+        model = load.add_lora(model, cfg.lora)
+    if cfg.train.gradient_checkpointing == "mlp" and checkpoint_mlps(model) == 0:
+        log.warning(
+            "train.gradient_checkpointing: mlp found no '*.mlp' modules in this model; nothing is "
+            "checkpointed (use true for whole layers)"
+        )
+    return model
+
+
+def _checkpointing_arg() -> str:
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
+def training_arguments(cfg: Config, bf16: bool) -> TrainingArguments:
+    """transformers' TrainingArguments for cfg.train (creating them sets up the distributed state
+    under accelerate launch / torchrun)."""
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=t.save_steps if t.save_steps > 0 else 500,
+        save_total_limit=t.save_total_limit or None,
+        eval_strategy="steps" if t.eval_steps > 0 else "no",
+        eval_steps=t.eval_steps if t.eval_steps > 0 else None,
+        report_to=t.report_to,
+        dataloader_num_workers=t.num_workers,
+        remove_unused_columns=False,
+        disable_tqdm=not t.progress,
+        # "mlp" is prefopt's own (see build_model); newer transformers renamed the option
+        **{_checkpointing_arg(): t.gradient_checkpointing is True},
+    )
+
+
+def make_collator(cfg: Config, tokenizer) -> Collator:
+    """The batch collator for `cfg`: flags LD-DPO's shared-length prefixes only when loss.ld_alpha is set."""
+    return Collator(
+        tokenizer.pad_token_id, prefix_sharing=cfg.train.prefix_sharing, ld_prefix=cfg.loss.ld_alpha is not None
+    )
+
+
+def make_trainer(
+    cfg: Config,
+    spec: losses.LossSpec,
+    model,
+    tokenizer,
+    collator,
+    train_examples: list,
+    eval_examples: list,
+    bf16: bool,
+    ref_model=None,
+    args=None,
+    resume_step: Optional[int] = None,
+) -> PreferenceTrainer:
+    """The PreferenceTrainer for tokenized examples (with ref_logps attached if precomputed).
+    OUT/metrics.jsonl starts afresh, or when resuming from step `resume_step` keeps its lines up
+    to that step."""
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    args = args or training_arguments(cfg, bf16)
+    metrics_path = out / "metrics.jsonl"
+    if args.should_save:
+        _keep_metrics_up_to(metrics_path, resume_step)
+    loss_kwargs = {k: getattr(cfg.loss, k) for k in spec.hyperparameters}
+    return PreferenceTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_examples,
+        eval_dataset=eval_examples or None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        loss=spec,
+        loss_kwargs=loss_kwargs,
+        ref_model=ref_model,
+        lm_head_chunk=cfg.train.lm_head_chunk,
+        ld_alpha=cfg.loss.ld_alpha,
+        wpo=cfg.loss.wpo,
+        wpo_clamp=cfg.loss.wpo_clamp,
+        callbacks=[JsonlMetrics(metrics_path), FailureMonitor(), checkpoints.GracefulStop()],
+    )
+
+
+def _keep_metrics_up_to(path: Path, step: Optional[int]) -> None:
+    """Truncate the metrics log to the steps <= `step` (all of it removed when step is None), so a
+    resumed run's log holds each step once."""
+    if not path.exists():
+        return
+    if step is None:
+        path.unlink()
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:  # a line cut by the kill
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def check_zero3(cfg: Config, spec: losses.LossSpec) -> None:
+    """Under DeepSpeed ZeRO-3 the weights exist only sharded inside the engine: no precompute
+    pass and no frozen full reference copy outside it."""
+    if not (spec.needs_reference and is_deepspeed_zero3_enabled()):
+        return
+    if cfg.reference.precompute:
+        raise PrefoptError(
+            "config: 'reference.precompute' is true, but under DeepSpeed ZeRO-3 the weights are "
+            "sharded, so the reference cannot be computed before training; set "
+            "reference.precompute: false (with lora.enabled: true), or use ZeRO-2 or FSDP."
+        )
+    if not cfg.lora.enabled:
+        raise PrefoptError(
+            "config: a full fine-tune with a reference model under DeepSpeed ZeRO-3 would need a "
+            "second sharded engine for the frozen reference, which prefopt does not set up; use "
+            "lora.enabled: true, a reference-free loss, ZeRO-2 or FSDP."
+        )
