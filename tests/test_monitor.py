@@ -109,7 +109,7 @@ def test_policy_that_does_not_move_is_reported(tiny_dir, tmp_path, caplog):
 
 
 def test_divergence_stops_without_saving(tiny_dir, tmp_path):
-    with pytest.raises(PrefoptError, match="training stopped at step .*not finite.*not saved"):
+    with pytest.raises(PrefoptError, match="training stopped at step .*not finite.*nothing was saved"):
         train(cfg_for(tiny_dir, tmp_path, lr=1e25, max_grad_norm=0.0))
     assert not (tmp_path / "out" / "model.safetensors").exists()
 

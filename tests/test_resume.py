@@ -40,6 +40,28 @@ Trainer._save_rng_state = dying
 if os.environ.get("DIE_BEFORE_FINAL_SAVE"):
     prefopt.recipes.train._save_final = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
 
+# NAN_IN_STEP: a weight becomes NaN during that step's backward (a divergence the logged loss,
+# computed before the update, does not show yet); DIE_AT_NONFINITE: SIGKILL when the checkpoint
+# check finds the non-finite state
+import torch
+from prefopt.training.trainer import PreferenceTrainer
+nan_step = int(os.environ.get("NAN_IN_STEP", "-1"))
+original_step = Trainer.training_step
+def diverging(self, *args, **kwargs):
+    loss = original_step(self, *args, **kwargs)
+    if self.state.global_step + 1 == nan_step:
+        with torch.no_grad():
+            next(p for p in self.model.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+    return loss
+Trainer.training_step = diverging
+original_check = PreferenceTrainer.state_is_finite
+def dying_check(self):
+    finite = original_check(self)
+    if not finite and os.environ.get("DIE_AT_NONFINITE"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return finite
+PreferenceTrainer.state_is_finite = dying_check
+
 from prefopt.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -90,8 +112,9 @@ def write_config(tmp_path, raw, out, **train_keys) -> Path:
     return path
 
 
-def launch(runner, cfg_path, resume, env=None, log=None):
+def launch(runner, cfg_path, resume, env=None, log=None, overwrite=False):
     args = [sys.executable, str(runner), "train", str(cfg_path)] + (["--resume"] if resume else [])
+    args += ["--overwrite"] if overwrite else []
     return subprocess.Popen(
         args, stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL, env={**os.environ, **(env or {})}
     )
@@ -202,6 +225,35 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(setup):
     assert launch(runner, cfg, resume=True).wait(120) == 0
     assert max_abs_diff(ref_out / "adapter_model.safetensors", out / "adapter_model.safetensors") <= 1e-6
     assert [r["step"] for r in train_rows(out)] == list(range(1, 25))
+
+
+def test_a_kill_during_a_nonfinite_stop_then_resume_stops_the_same_way(setup):
+    """A weight turns NaN in step 6 (a save step): the uninterrupted run stops there, publishes no
+    checkpoint-6 and names checkpoint-4 as the last finite one. Killed at that very check and
+    resumed, the run redoes steps 5-6 from checkpoint-4 and ends the same way, its checkpoints
+    equal to the uninterrupted run's."""
+    tmp_path, raw, runner = setup
+    env = {"NAN_IN_STEP": "6"}
+    ref_out = tmp_path / "nan-uninterrupted"
+    with open(tmp_path / "ref.log", "w") as log:
+        assert launch(runner, write_config(tmp_path, raw, ref_out), resume=False, env=env, log=log).wait(120) == 2
+    message = (tmp_path / "ref.log").read_text()
+    assert "step 6" in message and "checkpoint-4 is the last checkpoint verified finite" in message
+    assert sorted(p.name for p in checkpoints.complete(ref_out)) == ["checkpoint-2", "checkpoint-4"]
+
+    out = tmp_path / "nan-killed"
+    cfg = write_config(tmp_path, raw, out)
+    assert launch(runner, cfg, resume=False, env={**env, "DIE_AT_NONFINITE": "1"}).wait(120) == -signal.SIGKILL
+    assert not (out / "checkpoint-6").exists()
+    with open(tmp_path / "resumed.log", "w") as log:
+        assert launch(runner, cfg, resume=True, env=env, log=log).wait(120) == 2
+    text = (tmp_path / "resumed.log").read_text()
+    assert "resuming from" in text and "checkpoint-4 is the last checkpoint verified finite" in text
+    assert "Traceback" not in text
+    assert sorted(p.name for p in checkpoints.complete(out)) == ["checkpoint-2", "checkpoint-4"]
+    for name in ("checkpoint-2", "checkpoint-4"):
+        assert max_abs_diff(ref_out / name / "model.safetensors", out / name / "model.safetensors") == 0
+    assert not (out / "model.safetensors").exists()
 
 
 def test_latest_ignores_partial_and_incomplete_folders(tmp_path):

@@ -7,6 +7,7 @@ prefopt.modeling, prefopt.training) that other jobs share.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from prefopt.config import Config
 from prefopt.data.examples import load_examples
 from prefopt.errors import PrefoptError
 from prefopt.modeling import load, reference
-from prefopt.training import checkpoints
+from prefopt.training import checkpoints, run_folder
 from prefopt.training.monitor import FailureMonitor
 from prefopt.training.setup import (
     build_model,
@@ -39,27 +40,37 @@ def train(
 ) -> dict:
     """Run one training job described by `cfg`; returns a summary (paths, first/last loss).
 
-    resume: continue from the newest complete checkpoint in the output folder (from the start if
-    there is none). A Ctrl-C / SIGTERM stops after the current step with a checkpoint saved; the
+    The run owns train.output_dir (prefopt.training.run_folder): a folder holding another run's
+    outputs is refused unless `resume` (continue from its newest complete checkpoint, which must
+    have been trained with this config and data unless `force`; from the start if there is none)
+    or `overwrite` (remove them first). A Ctrl-C / SIGTERM stops after the current step with a checkpoint saved; the
     summary then has `interrupted` = the step, and no final model is written."""
     progress = cfg.train.progress if progress is None else progress
     t0 = time.time()
-    out = Path(cfg.train.output_dir)
     seed_everything(cfg.train.seed)
     spec = config_mod.resolve_loss(cfg.loss)
     path = load.resolve(cfg.model.name)
+    out = run_folder.claim(cfg, path, resume=resume, overwrite=overwrite, is_main=_is_main())
+    try:
+        return _run(cfg, spec, path, out, progress, resume, force, t0)
+    finally:
+        run_folder.release(out)
+
+
+def _run(cfg: Config, spec, path: str, out: Path, progress: bool, resume: bool, force: bool, t0: float) -> dict:
+    """The run of `train` once its output folder is claimed."""
     tokenizer = load.load_tokenizer(path, cfg.model.revision, cfg.model.trust_remote_code)
     train_examples, eval_examples, _ = load_examples(cfg, tokenizer, spec, progress)
+    fingerprint = reference.data_fingerprint(train_examples)
+    checkpoint = _checkpoint_to_resume(cfg, out, fingerprint, force) if resume else None
 
     bf16 = use_bf16(cfg.train.bf16)
     args = training_arguments(cfg, bf16)  # sets up the distributed state under accelerate/torchrun
-    checkpoint = checkpoints.to_resume(cfg, out) if resume else None
     check_zero3(cfg, spec)
     model = build_model(cfg, path)
     collator = make_collator(cfg, tokenizer)
-    ref_model = reference.for_training(
-        model, spec, cfg, path, [train_examples, eval_examples], collator, args, bf16, progress
-    )
+    examples = [train_examples, eval_examples]
+    ref_model = reference.for_training(model, spec, cfg, path, examples, collator, args, bf16, progress)
     resume_step = checkpoints.step_of(checkpoint) if checkpoint else None
     trainer = make_trainer(
         cfg,
@@ -73,6 +84,7 @@ def train(
         ref_model,
         args=args,
         resume_step=resume_step,
+        run_info=run_folder.run_info(cfg, fingerprint),
     )
     if trainer.is_world_process_zero():
         config_mod.save(cfg, out / "prefopt.yaml")
@@ -116,16 +128,41 @@ def _fit(trainer, checkpoint: Optional[Path]):
     return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
 
+def _is_main() -> bool:
+    """Whether this is the first process of the job (torchrun / accelerate launch set RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _checkpoint_to_resume(cfg: Config, out: Path, fingerprint: str, force: bool) -> Optional[Path]:
+    """The newest complete checkpoint in `out`, checked to belong to this config and data (None:
+    there is none; the run starts from the beginning)."""
+    checkpoint = checkpoints.latest(out)
+    if checkpoint is None:
+        if run_folder.prior_outputs(out):
+            raise PrefoptError(
+                f"--resume: {out} holds a run's outputs but no complete checkpoint to continue from (a finished "
+                "run without checkpoints, or one stopped before its first); use --overwrite to start again there, "
+                "or another train.output_dir."
+            )
+        log.warning("--resume: no complete checkpoint in %s; starting from the beginning", out)
+        return None
+    run_folder.check_resume(cfg, checkpoint, fingerprint, force=force)
+    log.info("resuming from %s", checkpoint)
+    return checkpoint
+
+
 def _stop_if_nonfinite(trainer, out: Path) -> None:
-    """A PrefoptError when the failure monitor stopped the run on a NaN/inf loss or gradient norm."""
+    """A PrefoptError when the run stopped on a NaN/inf loss, gradient norm, weight or optimizer
+    moment; it names the newest checkpoint verified finite."""
     monitor = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FailureMonitor))
-    if monitor.nonfinite_step is None:
+    step = monitor.nonfinite_step if monitor.nonfinite_step is not None else trainer.nonfinite_step
+    if step is None:
         return
-    last_good = checkpoints.latest(out)
+    last_good = checkpoints.last_good(out)
     raise PrefoptError(
-        f"training stopped at step {monitor.nonfinite_step}: the loss or gradient norm is not "
-        f"finite; the model was not saved ({out}/metrics.jsonl has the log"
-        + (f"; {last_good} is the last good checkpoint" if last_good else "")
+        f"training stopped at step {step}: the loss, gradient norm or weights are not finite; nothing was saved "
+        f"from that step on ({out}/metrics.jsonl has the log"
+        + (f"; {last_good} is the last checkpoint verified finite" if last_good else "; no checkpoint was saved")
         + "). Lower train.lr or check the data."
     )
 

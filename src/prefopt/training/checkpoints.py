@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 from transformers import TrainerCallback
 
 log = logging.getLogger("prefopt")
@@ -29,6 +28,7 @@ log = logging.getLogger("prefopt")
 PREFIX = "checkpoint-"
 STAGING = ".partial"  # checkpoints being written; never read
 COMPLETE_MARKER = "trainer_state.json"  # transformers writes it last
+RUN_FILE = "prefopt_run.json"  # in a checkpoint: the config and data it was trained with, verified finite
 
 
 def step_of(path: Path) -> Optional[int]:
@@ -58,36 +58,13 @@ def finished(checkpoint: Path) -> bool:
     return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
 
 
-def to_resume(cfg, out: Path) -> Optional[Path]:
-    """The newest complete checkpoint in `out` to resume `cfg`'s run from (None: start from the
-    beginning), after warning about settings that differ from the run that wrote it."""
-    checkpoint = latest(out)
-    if checkpoint is None:
-        log.warning("--resume: no complete checkpoint in %s; starting from the beginning", out)
-        return None
-    saved = out / "prefopt.yaml"
-    if saved.is_file():
-        before = yaml.safe_load(saved.read_text()) or {}
-        now = cfg.resolved()
-        changed = [
-            f"{sec}.{k}"
-            for sec, keys in now.items()
-            if isinstance(keys, dict)
-            for k, v in keys.items()
-            if isinstance(before.get(sec), dict)
-            and k in before[sec]
-            and before[sec][k] != v
-            and (sec, k) not in (("train", "progress"),)
-        ]
-        if changed:
-            log.warning(
-                "--resume: these settings differ from the run that wrote %s: %s; the result will not "
-                "equal an uninterrupted run's",
-                checkpoint,
-                ", ".join(changed),
-            )
-    log.info("resuming from %s", checkpoint)
-    return checkpoint
+def last_good(output_dir) -> Optional[Path]:
+    """The newest complete checkpoint verified finite when it was saved (its RUN_FILE says so), or None."""
+    for checkpoint in reversed(complete(output_dir)):
+        run_file = checkpoint / RUN_FILE
+        if run_file.is_file() and json.loads(run_file.read_text()).get("finite"):
+            return checkpoint
+    return None
 
 
 def _fsync_tree(path: Path) -> None:

@@ -71,8 +71,8 @@ class FailureMonitor(TrainerCallback):
                 self.warn(
                     "non-finite",
                     step,
-                    f"{key} is {value}: training stops here; the model is not saved "
-                    "(the last checkpoint, if any, is the last good one). Lower train.lr or check the data.",
+                    f"{key} is {value}: training stops here; nothing is saved from this step on "
+                    "(the newest checkpoint verified finite is the last good one). Lower train.lr or check the data.",
                 )
                 return True
         return False

@@ -127,10 +127,11 @@ def make_trainer(
     ref_model=None,
     args=None,
     resume_step: Optional[int] = None,
+    run_info: Optional[dict] = None,
 ) -> PreferenceTrainer:
     """The PreferenceTrainer for tokenized examples (with ref_logps attached if precomputed).
     OUT/metrics.jsonl starts afresh, or when resuming from step `resume_step` keeps its lines up
-    to that step."""
+    to that step; `run_info` (the run's config and data fingerprint) is saved in every checkpoint."""
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     args = args or training_arguments(cfg, bf16)
@@ -152,6 +153,7 @@ def make_trainer(
         ld_alpha=cfg.loss.ld_alpha,
         wpo=cfg.loss.wpo,
         wpo_clamp=cfg.loss.wpo_clamp,
+        run_info=run_info,
         callbacks=[JsonlMetrics(metrics_path), FailureMonitor(), checkpoints.GracefulStop()],
     )
 

@@ -67,6 +67,7 @@ class PreferenceTrainer(Trainer):
         ld_alpha: Optional[float] = None,
         wpo: bool = False,
         wpo_clamp: Optional[float] = 1.0,
+        run_info: Optional[dict] = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -79,6 +80,8 @@ class PreferenceTrainer(Trainer):
         self.ld_alpha = ld_alpha
         self.wpo = bool(wpo)
         self.wpo_clamp = wpo_clamp
+        self.run_info = run_info  # saved in every checkpoint (checkpoints.RUN_FILE); None: nothing saved
+        self.nonfinite_step: Optional[int] = None  # a save step whose weights or moments were not finite
         self.loss_state = _GlobalBCOState(self.accelerator) if loss.stateful else None
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         # (implicit rewards, lengths) of recently trained batches, kept on the device (no sync per
@@ -246,7 +249,12 @@ class PreferenceTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         """transformers' checkpoint, written into OUT/.partial and renamed into place only when
-        complete (see prefopt.training.checkpoints)."""
+        complete (see prefopt.training.checkpoints) — and only when every weight and optimizer
+        moment is finite: a non-finite state is never published; training stops instead."""
+        if not self.state_is_finite():
+            self.nonfinite_step = self.state.global_step
+            self.control.should_training_stop = True
+            return
         run_dir = self.args.output_dir
         name = f"{checkpoints.PREFIX}{self.state.global_step}"
         staging = os.path.join(run_dir, checkpoints.STAGING)
@@ -257,10 +265,8 @@ class PreferenceTrainer(Trainer):
         self.args.output_dir = staging
         try:
             super()._save_checkpoint(model, trial)
-            if self.loss_state is not None and self.args.should_save:  # BCO's running reward mean
-                state = {"mean": self.loss_state.mean, "count": self.loss_state.count}
-                name_dir = Path(staging) / name
-                (name_dir / LOSS_STATE_FILE).write_text(json.dumps(state))
+            if self.args.should_save:
+                self._save_prefopt_state(Path(staging) / name)
         finally:
             self.args.output_dir, self.args.save_total_limit = run_dir, keep
         self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are written
@@ -269,6 +275,29 @@ class PreferenceTrainer(Trainer):
             checkpoints.prune(run_dir, keep or 0)
             checkpoints.clear_staging(run_dir)
         self.accelerator.wait_for_everyone()
+
+    def _save_prefopt_state(self, folder: Path) -> None:
+        """What transformers does not save: BCO's running reward mean, and the run's identity (its
+        config and data fingerprint, checked by --resume) with the verified-finite mark."""
+        if self.loss_state is not None:
+            state = {"mean": self.loss_state.mean, "count": self.loss_state.count}
+            (folder / LOSS_STATE_FILE).write_text(json.dumps(state))
+        if self.run_info is not None:
+            (folder / checkpoints.RUN_FILE).write_text(json.dumps({**self.run_info, "finite": True}))
+
+    @torch.no_grad()
+    def state_is_finite(self) -> bool:
+        """Whether every trainable weight and every optimizer moment is finite, on every process."""
+        tensors = [p for p in self.model.parameters() if p.requires_grad]
+        if self.optimizer is not None:
+            tensors += [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        bad = torch.zeros((), device=self.args.device)
+        for x in tensors:
+            if x.is_floating_point():
+                bad = bad + (~torch.isfinite(x)).any().to(bad.device, bad.dtype)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        return bad.item() == 0
 
     def restore_loss_state(self, checkpoint) -> None:
         """The stateful loss's state (BCO's running mean) as saved in `checkpoint`."""
