@@ -1,6 +1,6 @@
-"""Bad input, through the real command line: every case exits 2 with one paragraph on stderr that
-starts `prefopt: error:` and names the culprit (the config key and the bad value, or the file and
-line), shows no traceback, modifies none of the user's files and writes nothing beside them.
+"""Bad input, through the command line's entry point: every case exits 2 with one paragraph on
+stderr that starts `prefopt: error:` and names the culprit (the config key and the bad value, or the
+file and line), shows no traceback, modifies none of the user's files and writes nothing beside them.
 
 Each case builds its inputs in a fresh folder:
 
@@ -8,28 +8,40 @@ Each case builds its inputs in a fresh folder:
     ROOT/work/   the working directory; outputs and the reference cache go here
     ROOT/cache/  PREFOPT_CACHE
 
-and runs `python -m prefopt ...` once (a few cases run it twice). ROOT/in/ and the shared tiny model
-folder are hashed before and after: no file may change, appear or vanish there. `prefopt data check`
+and calls the function `python -m prefopt ...` calls, prefopt.cli.main(argv), once (a few cases call
+it twice), in this process: the environment a child would get is set with monkeypatch (PREFOPT_CACHE,
+offline hub), the working directory is ROOT/work/, stdout and stderr are captured with capfd, and the
+log lines `prefopt` prints through logging.basicConfig (a no-op under pytest, whose log capture
+already holds the root logger) go to the captured stderr through a handler of the same format. The
+exit code is main's return value (SystemExit's code where argparse exits); an exception escaping
+main fails the case, as the traceback a user would see. ROOT/in/ and the shared tiny model folder
+are hashed before and after: no file may change, appear or vanish there. `prefopt data check`
 reports on stdout instead of raising: its cases read the `--json` report (usable false, the culprit
 in its problems or error). docs/errors.md lists every case with the message a user sees.
 
-The child runs with a 4 GiB address-space limit (a tiny training run needs under 3 GiB), so a
-config that expands into gigabytes (the YAML alias bomb) fails fast instead of starving the
-machine. Most cases fail at config validation, before any model is loaded (~5 s each: interpreter
-start and imports); the finished run the eval/report/score cases need is trained once per session.
+One case still runs `python -m prefopt` in a child, with a 4 GiB address-space limit (a tiny
+training run needs under 3 GiB): the YAML alias bomb, a config that expands into gigabytes, must fail
+fast instead of starving the machine, and a limit cannot be set on this process alone. Most cases
+fail at config validation, before any model is loaded (well under a second each in-process); the
+finished run the eval/report/score cases need is trained once per session, in-process too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import random
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -37,12 +49,16 @@ from typing import Callable, Optional, Union
 import pytest
 import yaml
 
-# Part of the default run (the `slow` marker deselects nothing by default; it says these cases start
-# interpreters and use the embedded model's tokenizer through tiny_dir).
+# Part of the default run (the `slow` marker deselects nothing by default; it says these cases load
+# the embedded model's tokenizer through tiny_dir, and one starts an interpreter).
 pytestmark = pytest.mark.slow
 
 TIMEOUT = 120  # seconds per command
-MEMORY_LIMIT = 4 << 30  # bytes of address space for the child
+MEMORY_LIMIT = 4 << 30  # bytes of address space for the child (the alias-bomb case)
+OUTPUT_CAP = 1 << 20  # bytes of stdout / stderr kept per command
+# What a child gets besides os.environ (OMP_* and TOKENIZERS_PARALLELISM: see conftest.py, which
+# sets them before torch is imported; in this process they cannot change any more).
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 MAX_MESSAGE = 2000  # characters: one paragraph, never the repr of a huge value
 NAN = float("nan")
 INF = float("inf")
@@ -75,12 +91,11 @@ def limit_memory():
 
 
 def run_prefopt(argv: list, cwd: Path, cache: Path) -> tuple[Optional[int], str, str]:
-    """(exit code or None on timeout, stdout, stderr) of `python -m prefopt ARGV`."""
+    """(exit code or None on timeout, stdout, stderr) of `python -m prefopt ARGV` in a child with
+    MEMORY_LIMIT of address space: only for the case that needs the limit (see the docstring)."""
     env = {
         **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
+        **OFFLINE_ENV,
         "PREFOPT_CACHE": str(cache),
         "OMP_NUM_THREADS": "1",
         "OMP_WAIT_POLICY": "PASSIVE",
@@ -106,11 +121,109 @@ def run_prefopt(argv: list, cwd: Path, cache: Path) -> tuple[Optional[int], str,
     return rc, _read_capped(out_path), _read_capped(err_path)
 
 
-def _read_capped(path: Path, cap: int = 1 << 20) -> str:
+def _read_capped(path: Path, cap: int = OUTPUT_CAP) -> str:
     with open(path, "rb") as f:
         data = f.read(cap + 1)
     text = data[:cap].decode("utf-8", "replace")
     return text + (f"\n[... more than {cap} bytes]" if len(data) > cap else "")
+
+
+def _capped(text: str, cap: int = OUTPUT_CAP) -> str:
+    data = text.encode("utf-8", "replace")
+    return data[:cap].decode("utf-8", "replace") + (f"\n[... more than {cap} bytes]" if len(data) > cap else "")
+
+
+# --- in-process runs -------------------------------------------------------------------------------
+
+
+class CaseTimeout(BaseException):
+    """Raised in main() after TIMEOUT seconds (a BaseException: no `except Exception` in the code
+    under test swallows it)."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    def expire(signum, frame):
+        raise CaseTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def _cli_logging(stream):
+    """What main's logging.basicConfig sets up in a fresh interpreter: INFO and above from every
+    logger that propagates to the root, as `prefopt: MESSAGE` on `stream`. Under pytest the root
+    logger already has handlers (its log capture), so basicConfig itself does nothing. transformers'
+    own handler (its loggers do not propagate) holds the stderr of the time transformers was
+    imported; it writes to `stream` meanwhile."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("prefopt: %(message)s"))
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    hf = getattr(sys.modules.get("transformers.utils.logging"), "_default_handler", None)
+    hf_stream = hf.setStream(stream) if isinstance(hf, logging.StreamHandler) else None
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        if hf_stream is not None:
+            hf.setStream(hf_stream)
+
+
+def _child_environment(mp: pytest.MonkeyPatch, cwd: Path, cache: Path) -> None:
+    """The environment and working directory run_prefopt gives a child, on this process (undone
+    with `mp`). The hub libraries read their offline switches into constants when imported:
+    those are set too."""
+    for key, value in {**OFFLINE_ENV, "PREFOPT_CACHE": str(cache)}.items():
+        mp.setenv(key, value)
+    import datasets.config
+    import huggingface_hub.constants
+
+    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    mp.chdir(cwd)
+
+
+def call_main(argv: list, cwd: Path, cache: Path, mp: pytest.MonkeyPatch) -> tuple[Optional[int], Optional[str]]:
+    """(exit code as `python -m prefopt ARGV` would end with, None after TIMEOUT seconds; the
+    exception that escaped main, or None) of prefopt.cli.main(ARGV) in this process, its output on
+    the current sys.stdout / sys.stderr (an escaped exception's traceback on stderr, as Python
+    prints it). Variables main sets in os.environ are taken back afterwards."""
+    from prefopt.cli import main
+
+    _child_environment(mp, cwd, cache)
+    environ = dict(os.environ)
+    escaped = None
+    try:
+        with _cli_logging(sys.stderr), _deadline(TIMEOUT):
+            try:
+                rc = main([str(a) for a in argv])
+            except SystemExit as e:  # argparse; `python -m prefopt` exits with this code too
+                if e.code is None or isinstance(e.code, int):
+                    rc = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+                    rc = 1
+            except CaseTimeout:
+                rc = None
+            except Exception as e:
+                traceback.print_exc()
+                rc, escaped = 1, f"{type(e).__name__}: {e}"[:500]
+    finally:
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
+    return rc, escaped
 
 
 def snapshot(root: Path) -> dict[str, Optional[str]]:
@@ -136,6 +249,7 @@ class Case:
     rc: int = 2
     report: bool = False  # `data check --json`: the verdict is the JSON report on stdout
     check: Optional[Callable[[str, str], list]] = None  # (stdout, stderr) -> problems, after the run
+    child: bool = False  # run `python -m prefopt` in a memory-limited child (run_prefopt), not in-process
 
 
 class Ctx:
@@ -144,8 +258,20 @@ class Ctx:
     def __init__(self, root: Path, tiny: Path, request):
         self.root, self.tiny, self.request = root, tiny, request
         self.inp, self.work, self.cache = root / "in", root / "work", root / "cache"
+        self.escaped: list = []  # exceptions that escaped main() in this case's calls
         for d in (self.inp, self.inp / "data", self.work, self.cache):
             d.mkdir(parents=True, exist_ok=True)
+
+    def run(self, argv: list) -> tuple[Optional[int], str, str]:
+        """(exit code or None on timeout, stdout, stderr) of prefopt.cli.main(ARGV), in this process,
+        in ROOT/work/ with PREFOPT_CACHE=ROOT/cache/ (see call_main)."""
+        capfd = self.request.getfixturevalue("capfd")
+        capfd.readouterr()  # what came before is not this command's
+        rc, escaped = call_main(argv, self.work, self.cache, self.request.getfixturevalue("monkeypatch"))
+        out, err = capfd.readouterr()
+        if escaped is not None:
+            self.escaped.append(escaped)
+        return rc, _capped(out), _capped(err)
 
     def jsonl(self, name: str, records: list) -> Path:
         path = self.inp / "data" / name
@@ -312,7 +438,7 @@ def _(c):
 def _(c):
     """Not an error: a corrupt cache file is said, recomputed and rewritten; the run succeeds."""
     cfg = c.config()
-    rc, _, err = run_prefopt(["train", cfg], c.work, c.cache)
+    rc, _, err = c.run(["train", cfg])
     assert rc == 0, f"the first (good) run failed: {err[-2000:]}"
     files = sorted((c.work / "ref-cache").glob("*.safetensors"))
     assert len(files) == 1, files
@@ -381,7 +507,7 @@ def _(c):
     text += "  batch_size:\n" + "\n".join("  " + line for line in lines) + "\n"
     path = c.inp / "bomb.yaml"
     path.write_text(text)
-    return Case(["train", path], [(lit("bomb.yaml"), lit("train.batch_size"))], forbid=("MemoryError",))
+    return Case(["train", path], [(lit("bomb.yaml"), lit("train.batch_size"))], forbid=("MemoryError",), child=True)
 
 
 @case("yaml-duplicate-section")
@@ -515,9 +641,11 @@ def finished_run(tmp_path_factory, tiny_dir) -> Path:
     root = tmp_path_factory.mktemp("finished-run")
     c = Ctx(root, Path(tiny_dir), None)
     cfg = c.config({"train": {"output_dir": str(root / "run")}})
-    rc, _, err = run_prefopt(["train", cfg], c.work, c.cache)
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc, escaped = call_main(["train", cfg], c.work, c.cache, mp)
     if rc != 0:
-        pytest.fail(f"the shared run failed (rc {rc}): {err[-3000:]}")
+        pytest.fail(f"the shared run failed (rc {rc}, {escaped or 'no exception'}): {err.getvalue()[-3000:]}")
     return root / "run"
 
 
@@ -548,15 +676,15 @@ def culprit_problems(text: str, culprits: list, forbid) -> list:
 
 
 @pytest.mark.parametrize("case_id", list(CASES))
-def test_bad_input(case_id, tmp_path_factory, tiny_dir, request):
+def test_bad_input(case_id, tmp_path_factory, tiny_dir, request, monkeypatch, capfd):
     c = Ctx(tmp_path_factory.mktemp("case"), Path(tiny_dir), request)  # a neutral name: no key in the path
     spec = CASES[case_id](c)
     watched = {"in": c.inp, "model": Path(tiny_dir)}
     before = {k: snapshot(p) for k, p in watched.items()}
 
-    rc, out, err = run_prefopt(spec.argv, c.work, c.cache)
+    rc, out, err = run_prefopt(spec.argv, c.work, c.cache) if spec.child else c.run(spec.argv)
 
-    problems = []
+    problems = [f"an exception escaped main(): {e}" for e in c.escaped]
     if rc is None:
         problems.append(f"did not finish within {TIMEOUT} s")
     elif rc != spec.rc:

@@ -89,8 +89,9 @@ def test_unknown_section(tmp_path):
 
 
 def test_unknown_key(tmp_path):
-    msg = error(tmp_path, "train:\n  learning_rate: 1e-5\n")
-    assert "'train.learning_rate'" in msg and "cfg.yaml" in msg and "unknown key" in msg
+    # learning_rate is transformers' name of train.lr (tests/test_config_trl.py); a misspelling is unknown
+    msg = error(tmp_path, "train:\n  learnig_rate: 1e-5\n")
+    assert "'train.learnig_rate'" in msg and "cfg.yaml" in msg and "unknown key" in msg
     msg = error(tmp_path, BASE, ["--loss.betta", "0.2"])
     assert "'loss.betta'" in msg
 

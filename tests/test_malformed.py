@@ -222,11 +222,11 @@ def test_field_mapping_names_the_missing_field(tmp_path):
         + json.dumps({"question": "q", "good": " a"})
         + "\n"
     )
-    fields = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    fields = {"question": "prompt", "good": "chosen", "bad": "rejected"}
     pairs, shape = load_pairs(str(path), limit=1, options=Options(fields=fields))
     assert shape == "standard" and pairs[0].chosen == " a"
     one_line_error(
-        path, f"{path} line 2", "missing field 'bad'", "maps it to 'rejected'", options=Options(fields=fields)
+        path, f"{path} line 2", "missing field 'bad'", "renames it to 'rejected'", options=Options(fields=fields)
     )
 
 

@@ -3,6 +3,7 @@ steps, config header, CLI exit codes)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -85,16 +86,21 @@ def paired_run(tmp_path):
 
 
 def pngs_of(index):
-    return sorted(p.name for p in index.parent.glob("*.png"))
+    """The plots of the page, named as the PNG files they once were ("loss.png", ...)."""
+    return sorted(f"{stem}.png" for stem in re.findall(r'<figure id="([^"]+)">', index.read_text()))
 
 
 def assert_valid_pngs(index):
+    """Every plot is an embedded PNG, and the page is the only file: it references no other."""
     html = index.read_text()
-    referenced = sorted(re.findall(r'<img src="([^"]+)"', html))
-    assert referenced == pngs_of(index)
-    for name in referenced:
-        data = (index.parent / name).read_bytes()
-        assert data[:8] == PNG_MAGIC and len(data) > 5000, name
+    sources = re.findall(r'<img src="([^"]+)"', html)
+    assert len(sources) == len(pngs_of(index)) > 0
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        data = base64.b64decode(src.split(",", 1)[1])
+        assert data[:8] == PNG_MAGIC and len(data) > 5000
+    assert re.findall(r'(?:src|href)="(?!data:|#)', html) == []
+    assert [p.name for p in index.parent.iterdir()] == ["index.html"]
     return html
 
 
@@ -203,3 +209,40 @@ def test_line_without_step(tmp_path):
     write_run(tmp_path, [{"step": 1, "loss": 0.7}, {"loss": 0.6}])
     with pytest.raises(PrefoptError, match=r"metrics.jsonl line 2: .*\"step\""):
         write_report(tmp_path)
+
+
+def test_cli_metrics_not_utf8(tmp_path, capsys):
+    run = write_run(tmp_path / "bad", paired_lines()[:3])
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 4, "loss": 0.6\xff}\n')
+    assert cli.main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl line 4: not UTF-8" in err and "0xff" in err and "Traceback" not in err
+    assert not (run / "report").exists()
+
+
+def test_cli_out_is_an_existing_file(paired_run, tmp_path, capsys):
+    taken = tmp_path / "taken.html"
+    taken.write_text("<p>mine</p>\n")
+    assert cli.main(["report", str(paired_run), "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert f"{taken}: is a file, not a folder" in err and "Traceback" not in err
+    assert taken.read_text() == "<p>mine</p>\n"
+
+
+def test_cli_out_under_a_file(paired_run, tmp_path, capsys):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("mine\n")
+    assert cli.main(["report", str(paired_run), "--out", str(taken / "sub")]) == 2
+    assert "cannot create the report folder" in capsys.readouterr().err and taken.read_text() == "mine\n"
+
+
+def test_report_never_overwrites_someone_elses_index(paired_run, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<html><title>my site</title></html>\n")
+    with pytest.raises(PrefoptError, match="is not a prefopt report"):
+        write_report(paired_run, site)
+    assert (site / "index.html").read_text() == "<html><title>my site</title></html>\n"
+    first = write_report(paired_run)
+    assert write_report(paired_run) == first  # its own report is rewritten

@@ -108,6 +108,16 @@ def test_shared_files_train_two_steps(shared_data, tiny_dir, tmp_path, name):
         ({"chosen": "a", "rejected": "b", "responses": [], "scores": []}, "ratings"),
         ({"label": True, "prompt": "p", "chosen": "a", "rejected": "b"}, "standard"),  # a label alone: not unpaired
         ({"responses": [], "prompt": "p", "chosen": "a", "rejected": "b"}, "standard"),  # responses need scores
+        # a text prompt beside whole conversations (UltraFeedback-binarized); a message-list prompt is not one
+        (
+            {"prompt": "q", "chosen": [msg(U, "q"), msg(A, "a")], "rejected": [msg(U, "q"), msg(A, "b")]},
+            "ultrafeedback",
+        ),
+        ({"prompt": "q", "chosen": [{"from": "human", "value": "q"}], "rejected": []}, "ultrafeedback"),
+        ({"prompt": [msg(U, "q")], "chosen": [msg(U, "q"), msg(A, "a")], "rejected": []}, "conversational"),
+        ({"instruction": "q", "chosen_response": "a", "rejected_response": "b"}, "argilla"),
+        ({"system": "", "question": "q", "chosen": "a", "rejected": "b"}, "orca"),
+        ({"question": "q", "prompt": "p", "chosen": "a", "rejected": "b"}, "standard"),  # a prompt: not orca
     ],
 )
 def test_recognition_follows_the_shapes_table(record, shape):
@@ -116,6 +126,7 @@ def test_recognition_follows_the_shapes_table(record, shape):
 
 def test_shapes_table():
     assert {"standard", "conversational", "implicit", "sharegpt", "unpaired", "ratings"} <= set(SHAPES)
+    assert {"ultrafeedback", "argilla", "orca"} <= set(SHAPES)
     assert not is_paired("unpaired") and is_paired("standard") and is_paired("ratings")
     assert is_paired("unknown")  # no record was usable: reported as pairs, as before
 
@@ -240,14 +251,14 @@ def test_csv_shapes(tmp_path):
     assert shape == "conversational" and p.prompt == [msg(U, "q")]
     kto = tmp_path / "k.csv"
     kto.write_text("question,answer,label\nq1, yes,true\nq2, no,0\nq3, maybe,Yes\n")
-    items, shape = load_pairs(str(kto), options=Options(fields={"prompt": "question", "completion": "answer"}))
+    items, shape = load_pairs(str(kto), options=Options(fields={"question": "prompt", "answer": "completion"}))
     assert shape == "unpaired" and [i.label for i in items] == [True, False, True]
 
 
 def test_field_remapping_from_config(tmp_path):
     path = write(tmp_path / "d.jsonl", [{"instruction": "q", "response_j": " a", "response_k": " b"}])
     cfg = config.from_dict(
-        {"data": {"train": path, "fields": {"prompt": "instruction", "chosen": "response_j", "rejected": "response_k"}}}
+        {"data": {"train": path, "fields": {"instruction": "prompt", "response_j": "chosen", "response_k": "rejected"}}}
     )
     (p,), _ = load_pairs(path, options=options_from(cfg.data))
     assert p == Pair("q", " a", " b", f"{path} line 1")

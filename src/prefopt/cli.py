@@ -17,7 +17,8 @@
     prefopt demo [--out DIR]                              the offline controlled-sentiment demo
     prefopt frontier [CONFIG] [--quick] [--key value ...] reward vs KL over a grid of losses x beta (CSV + PNG)
     prefopt rounds [CONFIG] [--quick] [--key value ...]   on-policy rounds: sample, score, pair, train, repeat
-    prefopt report OUTDIR [--out DEST]                    HTML page with the plots of a run's metrics.jsonl
+    prefopt report OUTDIR [--out DEST]                    one HTML file with the plots of a run's metrics.jsonl
+    prefopt config [SECTION]                              every config key with its default and meaning (YAML)
 
 Bad input (config, data, model path) prints one paragraph naming the file/line or key and exits
 with code 2; `--debug` shows the traceback instead.
@@ -32,12 +33,23 @@ import os
 import sys
 
 import yaml
+from tqdm.auto import tqdm
 
 from prefopt.errors import PrefoptError
 
 # Before torch is imported: OpenMP spin-waiting makes torch several times slower on a busy CPU.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class ProgressAwareHandler(logging.Handler):
+    """Log lines written through tqdm, so a warning never lands in the middle of a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_train_and_data(sub)
     _add_eval_and_score(sub)
     _add_experiments_and_report(sub)
+    _add_config(sub)
     return p
 
 
@@ -70,6 +83,10 @@ def _add_train_and_data(sub) -> None:
 
 
 def _add_eval_and_score(sub) -> None:
+    trust = (
+        "run Python code that comes with the model (auto_map in its config.json); off by default, and the "
+        "model.trust_remote_code of the evaluated folder's prefopt.yaml is ignored: only you decide"
+    )
     e = sub.add_parser(
         "eval",
         help="evaluate a trained model: implicit rewards on preference data (--data), or "
@@ -93,11 +110,18 @@ def _add_eval_and_score(sub) -> None:
     e.add_argument("--seed", type=int, default=0, help="sampling seed for --prompts (default: 0)")
     e.add_argument("--batch-size", type=int, default=8, help="examples per forward for --data (default: 8)")
     e.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    e.add_argument("--trust-remote-code", action="store_true", help=trust)
     s = sub.add_parser("score", help="write the implicit reward of every response of a data file as JSONL")
     s.add_argument("--model", required=True, metavar="OUT", help="output folder of a `prefopt train` run")
     s.add_argument("--data", required=True, metavar="PATH", help="preference data")
     s.add_argument("--out", default=None, metavar="FILE", help="JSONL to write (default: OUT/scores/<data name>.jsonl)")
     s.add_argument("--batch-size", type=int, default=8, help="examples per forward (default: 8)")
+    s.add_argument("--trust-remote-code", action="store_true", help=trust)
+
+
+def _add_config(sub) -> None:
+    k = sub.add_parser("config", help="print every config key with its default and meaning, as YAML to copy")
+    k.add_argument("section", nargs="?", help="one section: model, lora, data, loss, reference, train")
 
 
 def _add_experiments_and_report(sub) -> None:
@@ -146,11 +170,11 @@ def main(argv=None) -> int:
     args, rest = _parse(_parser(), [a for a in argv if a != "--debug"])
     # under torchrun / accelerate launch only rank 0 reports progress; every rank reports problems
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="prefopt: %(message)s" if rank == 0 else f"prefopt[rank {rank}]: %(message)s",
-        stream=sys.stderr,
+    handler = ProgressAwareHandler()
+    handler.setFormatter(
+        logging.Formatter("prefopt: %(message)s" if rank == 0 else f"prefopt[rank {rank}]: %(message)s")
     )
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=[handler])
     try:
         return COMMANDS[args.command](args, rest)
     except PrefoptError as e:
@@ -192,7 +216,10 @@ def _train(args, rest: list[str]) -> int:
 def _score(args, rest: list[str]) -> int:
     from prefopt.evaluation.reward_model import score_data
 
-    res = score_data(args.model, args.data, args.out, batch_size=args.batch_size)
+    _check_positive(args, ("batch_size",))
+    res = score_data(
+        args.model, args.data, args.out, batch_size=args.batch_size, trust_remote_code=args.trust_remote_code
+    )
     acc = res["policy"].get("reward_accuracy", res["policy"].get("sign_accuracy"))
     what = "reward accuracy" if res["shape"] == "paired" else "sign accuracy"
     print(f"wrote {res['lines']} lines to {res['out']} ({what} {acc:.3f}, reward r = {res['reward']})")
@@ -254,10 +281,21 @@ def _experiment(args, overrides_argv: list[str]) -> int:
     return 0
 
 
+def _check_positive(args, names: tuple) -> None:
+    """A PrefoptError naming the flag of the first of `names` (argparse dests) below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            raise PrefoptError(f"--{name.replace('_', '-')}: must be at least 1, found {value}.")
+
+
 def _eval(args, rest: list[str]) -> int:
     if args.prompts is not None:
         from prefopt.evaluation.generation import format_table, run_generation_eval
 
+        _check_positive(args, ("samples", "max_new_tokens"))
+        if args.seed < 0:
+            raise PrefoptError(f"--seed: must be 0 or more, found {args.seed}.")
         res = run_generation_eval(
             model_dir=args.model,
             prompts=args.prompts,
@@ -265,12 +303,14 @@ def _eval(args, rest: list[str]) -> int:
             samples=args.samples,
             max_new_tokens=args.max_new_tokens,
             seed=args.seed,
+            trust_remote_code=args.trust_remote_code,
         )
         print(json.dumps(res, ensure_ascii=False) if args.json else format_table(res))
         return 0
     from prefopt.evaluation.reward_model import evaluate_data, format_report
 
-    res = evaluate_data(args.model, args.data, batch_size=args.batch_size)
+    _check_positive(args, ("batch_size",))
+    res = evaluate_data(args.model, args.data, batch_size=args.batch_size, trust_remote_code=args.trust_remote_code)
     print(json.dumps(res, ensure_ascii=False) if args.json else format_report(res))
     return 0
 
@@ -281,10 +321,18 @@ def _data_check(args, overrides: list[str]) -> int:
     from prefopt.modeling import load
 
     cfg = config.load(args.config, overrides)
+    spec = config.resolve_loss(cfg.loss)  # the data must be the kind this loss trains on, as in training
     tokenizer = load.load_tokenizer(load.resolve(cfg.model.name), cfg.model.revision, cfg.model.trust_remote_code)
-    report = check(args.path, cfg.data, tokenizer, tokenizer_name=cfg.model.name)
+    report = check(args.path, cfg.data, tokenizer, tokenizer_name=cfg.model.name, loss=spec)
     print(json.dumps(report, ensure_ascii=False) if args.json else format_report(report))
     return 0 if report["usable"] else 2
+
+
+def _config(args, rest: list[str]) -> int:
+    from prefopt import config
+
+    print(config.describe(args.section), end="")
+    return 0
 
 
 COMMANDS = {
@@ -296,6 +344,7 @@ COMMANDS = {
     "rounds": _experiment,
     "demo": _demo,
     "report": _report,
+    "config": _config,
 }
 
 

@@ -5,8 +5,9 @@ tokenizes each example with the configured tokenizer without truncation, and rep
 counts, token-length distributions, what data.max_length would truncate or drop, duplicates,
 chosen == rejected, empty responses, role markers inside responses, transcripts that diverge
 before the last turn, text the tokenizer cannot reproduce, and length bias (how often chosen is
-the longer response). The data is usable when at least one example survives and no record is bad
-(or data.on_bad_record is skip).
+the longer response). The data is usable when at least one example survives, no record is bad
+(or data.on_bad_record is skip) and, given the loss, it is the kind the loss trains on (pairs or
+unpaired examples), by the same rule as training (`examples.check_shape`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Optional
 
-from prefopt.data import formats
+from prefopt import losses
+from prefopt.data import examples, formats
 from prefopt.data.tokenize import PairTokenizer
 from prefopt.errors import PrefoptError
 
@@ -117,7 +120,11 @@ def _counts(loaded: formats.Loaded) -> dict:
         "examples": len(loaded.items),
         "skipped": dict(loaded.skipped),
         "skipped_first": dict(loaded.examples),
+        "notes": dict(loaded.notes),
+        "notes_first": dict(loaded.note_examples),
     }
+    if loaded.split is not None:
+        out["split"] = loaded.split
     if not loaded.paired:
         labels = Counter(it.label for it in loaded.items)
         out["labels"] = {"desirable": labels[True], "undesirable": labels[False]}
@@ -169,6 +176,22 @@ def _bad_records(loaded: formats.Loaded) -> int:
     return sum(n for r, n in loaded.skipped.items() if r not in formats.BENIGN_SKIPS)
 
 
+def _first_bad_record(loaded: formats.Loaded) -> str:
+    """The message of the first bad record read (the first reason counted keeps its first message)."""
+    return next(m for r, m in loaded.examples.items() if r not in formats.BENIGN_SKIPS)
+
+
+def _shape_problem(loaded: formats.Loaded, loss: Optional[losses.LossSpec], source: str) -> list[str]:
+    """Training's refusal when `loss` needs pairs and the data is unpaired, or the other way round."""
+    if loss is None or loaded.shape not in formats.SHAPES:
+        return []
+    try:
+        examples.check_shape(loss, loaded.shape, source)
+    except PrefoptError as e:
+        return [str(e).removeprefix(f"{source}: ").rstrip(".") + " (loss.name sets the loss)"]
+    return []
+
+
 def _problems(loaded: formats.Loaded, tokens: _Tokens, data_cfg) -> list[str]:
     """What makes the data unusable as configured."""
     bad_records = _bad_records(loaded)
@@ -176,7 +199,7 @@ def _problems(loaded: formats.Loaded, tokens: _Tokens, data_cfg) -> list[str]:
     if bad_records and data_cfg.on_bad_record == "error":
         problems.append(
             f"{bad_records} bad record(s): training stops at the first (data.on_bad_record: skip "
-            "would skip them, counted)"
+            f"would skip them, counted); the first: {_first_bad_record(loaded)}"
         )
     if tokens.errors:
         problems.append(f"{sum(tokens.errors.values())} example(s) cannot be tokenized")
@@ -191,6 +214,8 @@ def _warnings(report: dict, loaded: formats.Loaded, tokens: _Tokens, data_cfg) -
     warnings = []
     if bad_records and data_cfg.on_bad_record == "skip":
         warnings.append(f"{bad_records} bad record(s) will be skipped")
+    for reason, n in loaded.notes.most_common():
+        warnings.append(f"{n} record(s): {reason}; the first: {loaded.note_examples[reason]}")
     for key, text in (
         ("duplicates", "duplicate example(s)"),
         ("chosen_equals_rejected", "pair(s) with chosen == rejected (skipped)"),
@@ -224,8 +249,11 @@ def _data_warnings(report: dict, loaded: formats.Loaded, tokens: _Tokens) -> lis
     return warnings
 
 
-def check(source: str, data_cfg, tokenizer, *, tokenizer_name: str = "") -> dict:
-    """The report for `source` read with the `data` config section, as a JSON-ready dict."""
+def check(
+    source: str, data_cfg, tokenizer, *, tokenizer_name: str = "", loss: Optional[losses.LossSpec] = None
+) -> dict:
+    """The report for `source` read with the `data` config section, as a JSON-ready dict. With `loss`
+    (the config's LossSpec), data of the other kind (unpaired for a paired loss, or the reverse) is a problem."""
     options = dataclasses.replace(formats.options_from(data_cfg), on_bad_record="skip")
     report: dict = {"source": source, "tokenizer": tokenizer_name}
     try:
@@ -238,7 +266,7 @@ def check(source: str, data_cfg, tokenizer, *, tokenizer_name: str = "") -> dict
     report.update(_content(loaded, names))
     tokens = _tokenize_all(loaded.items, names, data_cfg, tokenizer)
     report.update(_token_report(tokens, data_cfg))
-    report["problems"] = _problems(loaded, tokens, data_cfg)
+    report["problems"] = _shape_problem(loaded, loss, source) + _problems(loaded, tokens, data_cfg)
     report["warnings"] = _warnings(report, loaded, tokens, data_cfg)
     report["usable"] = not report["problems"]
     return report
@@ -251,7 +279,8 @@ def format_report(r: dict) -> str:
         lines += [f"  cannot read it: {r['error']}", "  verdict: NOT usable"]
         return "\n".join(lines)
     what = "pairs" if formats.is_paired(r["shape"]) else "examples"
-    lines.append(f"  shape: {r['shape']}; {r['records']} records -> {r['examples']} {what}")
+    split = f" (split {r['split']})" if "split" in r else ""
+    lines.append(f"  shape: {r['shape']}; {r['records']} records{split} -> {r['examples']} {what}")
     if "labels" in r:
         lines.append(f"  labels: {r['labels']['desirable']} desirable, {r['labels']['undesirable']} undesirable")
     for reason, n in sorted(r["skipped"].items(), key=lambda kv: -kv[1]):

@@ -183,10 +183,15 @@ def run_generation_eval(
     max_new_tokens: int = 32,
     seed: int = 0,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict:
-    """`prefopt eval --model OUT --prompts PATH --reward NAME`: the figures, without the samples."""
+    """`prefopt eval --model OUT --prompts PATH --reward NAME`: the figures, without the samples.
+    `trust_remote_code` is the caller's decision (see load_trained)."""
+    for name, value in (("samples", samples), ("max_new_tokens", max_new_tokens)):
+        if value < 1:
+            raise PrefoptError(f"{name}: must be at least 1, found {value}.")
     reward_fn = rewards.get(reward)
-    trained = load_trained(model_dir)
+    trained = load_trained(model_dir, trust_remote_code=trust_remote_code)
     texts, ids = read_prompts(prompts, trained.tokenizer)
     seed_everything(seed)
     res = generation_eval(

@@ -2,8 +2,9 @@
 
 Reads OUTDIR/metrics.jsonl (one JSON object per logged step: train lines, `eval_`-prefixed eval
 lines and a final summary line with `train_runtime`, `train_loss`, ...) and, when present,
-OUTDIR/prefopt.yaml (the resolved config). Writes OUTDIR/report/index.html plus one PNG per plot
-beside it; the page uses no external assets, so the folder can be copied or attached as it is.
+OUTDIR/prefopt.yaml (the resolved config). Writes OUTDIR/report/index.html: one self-contained file
+(every plot embedded as a PNG data URI, no other file referenced), so it can be mailed or attached
+as it is and opened in any browser.
 
 A step logged twice (a resumed run) counts once: the last line for a given (step, kind) wins.
 Each plot is drawn only when its metrics were logged, so paired (DPO-style), unpaired (KTO-style)
@@ -12,9 +13,12 @@ and reference-free runs all get the plots that make sense for them.
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import math
+import os
 from pathlib import Path
 
 import yaml
@@ -136,7 +140,7 @@ HIST_CAPTION = (
 
 
 def write_report(outdir, dest=None) -> Path:
-    """Write DEST (default OUTDIR/report)/index.html and its PNGs; return the path of index.html."""
+    """Write DEST (default OUTDIR/report)/index.html, plots embedded; return its path."""
     outdir = Path(outdir)
     if not outdir.is_dir():
         raise PrefoptError(
@@ -145,18 +149,62 @@ def write_report(outdir, dest=None) -> Path:
     rows = read_metrics(outdir / "metrics.jsonl")
     series = _series(rows["train"], rows["eval"])
     dest = Path(dest) if dest is not None else outdir / "report"
-    dest.mkdir(parents=True, exist_ok=True)
+    _check_dest(dest)
+    try:
+        return _write_pages(outdir, dest, rows, series)
+    except OSError as e:
+        raise PrefoptError(
+            f"{dest}: cannot write the report there ({e.strerror or e}); give another --out folder."
+        ) from None
+
+
+def _check_dest(dest: Path) -> None:
+    """A PrefoptError unless `dest` is, or can be made, a folder whose index.html is not someone
+    else's page (a report never overwrites a file it did not write)."""
+    if dest.exists() and not dest.is_dir():
+        raise PrefoptError(
+            f"{dest}: is a file, not a folder; --out takes the folder to write index.html and its plots "
+            "into: give a new or an existing folder."
+        )
+    index = dest / "index.html"
+    if index.is_file():
+        with open(index, "rb") as f:
+            head = f.read(4096)
+        if b"<title>prefopt report" not in head:
+            raise PrefoptError(
+                f"{index}: exists and is not a prefopt report; the report never overwrites it: give another "
+                "--out folder."
+            )
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrefoptError(
+            f"{dest}: cannot create the report folder ({e.strerror or e}); give another --out folder."
+        ) from None
+
+
+def _write_pages(outdir: Path, dest: Path, rows: dict, series: dict) -> Path:
+    """index.html of the report in `dest`, its plots embedded; the path of index.html."""
     figures = []
     for stem, title, ylabel, caption, lines, smooth in PLOTS:
         if any(key in series and not key.startswith("eval_") for key, *_ in lines):
-            _line_plot(dest / f"{stem}.png", title, ylabel, lines, series, smooth, GUIDES.get(stem))
-            figures.append((f"{stem}.png", title, html.escape(caption)))
+            fig = _line_plot(title, ylabel, lines, series, smooth, GUIDES.get(stem))
+            figures.append((stem, _data_uri(fig), title, html.escape(caption)))
         if stem == "rewards" and "rewards/chosen" in series and "rewards/rejected" in series:
-            _histogram(dest / "rewards_hist.png", series["rewards/chosen"][1], series["rewards/rejected"][1])
-            figures.append(("rewards_hist.png", "Implicit reward distribution", HIST_CAPTION))
+            fig = _histogram(series["rewards/chosen"][1], series["rewards/rejected"][1])
+            figures.append(("rewards_hist", _data_uri(fig), "Implicit reward distribution", HIST_CAPTION))
     index = dest / "index.html"
-    index.write_text(_html(outdir, _config_summary(outdir), _summary(rows), figures), encoding="utf-8")
+    tmp = dest / f".index.html.{os.getpid()}.tmp"
+    tmp.write_text(_html(outdir, _config_summary(outdir), _summary(rows), figures), encoding="utf-8")
+    tmp.replace(index)
     return index
+
+
+def _data_uri(fig) -> str:
+    """`fig` as a PNG data URI (the page carries its images)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def read_metrics(path: Path) -> dict:
@@ -166,7 +214,7 @@ def read_metrics(path: Path) -> dict:
             f"{path} not found; expected the metrics.jsonl that a training run writes into its output folder."
         )
     latest = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_lines(path), 1):
         if not line.strip():
             continue
         try:
@@ -184,6 +232,25 @@ def read_metrics(path: Path) -> dict:
     for (_step, kind), record in sorted(latest.items(), key=lambda kv: kv[0][0]):
         rows[kind].append(record)
     return rows
+
+
+def _lines(path: Path) -> list[str]:
+    """The lines of the UTF-8 text file `path`; a file that cannot be read, or a line that is not
+    UTF-8, a PrefoptError naming the file and the line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise PrefoptError(f"{path}: cannot read it ({e.strerror or e}).") from None
+    lines = []
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise PrefoptError(
+                f"{path} line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                "expected the metrics.jsonl that prefopt train writes (one JSON object per line)."
+            ) from None
+    return lines
 
 
 def _kind(record: dict) -> str:
@@ -228,7 +295,8 @@ def _new_axes(title: str, ylabel: str):
     return fig, ax
 
 
-def _line_plot(path: Path, title, ylabel, lines, series, smooth, guide=None) -> None:
+def _line_plot(title, ylabel, lines, series, smooth, guide=None):
+    """The figure of one line plot (PLOTS)."""
     fig, ax = _new_axes(title, ylabel)
     if guide is not None:
         ax.axhline(guide, color=GREY, lw=0.8, ls=":")
@@ -255,10 +323,11 @@ def _line_plot(path: Path, title, ylabel, lines, series, smooth, guide=None) -> 
     labelled = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
     if len(labelled) > 1 or "EMA" in labelled[0]:
         ax.legend(fontsize=8, frameon=False)
-    fig.savefig(path)
+    return fig
 
 
-def _histogram(path: Path, chosen: list, rejected: list) -> None:
+def _histogram(chosen: list, rejected: list):
+    """The figure of the per-step mean rewards' histogram, chosen beside rejected."""
     fig, ax = _new_axes("Per-step mean implicit reward", "number of steps")
     lo, hi = min(chosen + rejected), max(chosen + rejected)
     bins = [lo + (hi - lo) * i / 20 for i in range(21)] if hi > lo else 10
@@ -266,7 +335,7 @@ def _histogram(path: Path, chosen: list, rejected: list) -> None:
     ax.hist(rejected, bins=bins, color=RED, alpha=0.5, label="rejected")
     ax.set_xlabel("mean implicit reward of the step")
     ax.legend(fontsize=8, frameon=False)
-    fig.savefig(path)
+    return fig
 
 
 def _config_summary(outdir: Path) -> list:
@@ -358,8 +427,9 @@ def _html(outdir: Path, config: list, summary: list, figures: list) -> str:
     cards = "".join(f'<span class="card"><b>{e(k)}</b>{e(str(v))}</span>' for k, v in config)
     table = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in summary)
     figs = "".join(
-        f'<figure><img src="{e(src)}" alt="{e(title)}"><figcaption><b>{e(title)}.</b> {caption}</figcaption></figure>\n'
-        for src, title, caption in figures
+        f'<figure id="{e(stem)}"><img src="{src}" alt="{e(title)}">'
+        f"<figcaption><b>{e(title)}.</b> {caption}</figcaption></figure>\n"
+        for stem, src, title, caption in figures
     )
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'

@@ -105,7 +105,7 @@ def _reference_model(trained):
         dtype=cfg.dtype,
         attn_implementation=cfg.attn_implementation,
         revision=cfg.revision,
-        trust_remote_code=cfg.trust_remote_code,
+        trust_remote_code=trained.trust_remote_code,  # the caller's decision
     )
     base.requires_grad_(False).eval().to(next(trained.model.parameters()).device)
     return contextlib.nullcontext(base)
@@ -333,10 +333,13 @@ def _header(trained, model_dir: str, data_path: str, scored: Scored) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def evaluate_data(model_dir: str, data_path: str, batch_size: int = 8, progress: bool = True) -> dict:
+def evaluate_data(
+    model_dir: str, data_path: str, batch_size: int = 8, progress: bool = True, trust_remote_code: bool = False
+) -> dict:
     """`prefopt eval --model OUT --data PATH`: the metrics of the module docstring, with the model,
-    data, loss, β, reward formula and what was read / skipped / truncated."""
-    trained = load_trained(model_dir)
+    data, loss, β, reward formula and what was read / skipped / truncated. `trust_remote_code` is
+    the caller's decision (see load_trained)."""
+    trained = load_trained(model_dir, trust_remote_code=trust_remote_code)
     _move_to_device(trained)
     scored = score_examples(trained, data_path, batch_size=batch_size, progress=progress)
     return {**_header(trained, model_dir, data_path, scored), **_metrics(scored)}
@@ -354,18 +357,27 @@ def default_scores_path(model_dir: str, data_path: str) -> Path:
 
 
 def score_data(
-    model_dir: str, data_path: str, out_path: Optional[str] = None, batch_size: int = 8, progress: bool = True
+    model_dir: str,
+    data_path: str,
+    out_path: Optional[str] = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict:
     """`prefopt score`: one JSON line per (prompt, response) with its implicit reward, written to
     `out_path` (default OUT/scores/<data name>.jsonl). Pairs give two lines, role "chosen" then
     "rejected"; unpaired data one line with its "label". "record" is the 0-based index of the pair
     (or example) among those read from the data; "prompt" / "response" are the texts as read (a
     list of messages for conversational data); "truncated" says the scored tokens were cut to fit
-    data.max_length. Returns the path, the number of lines and the metrics of evaluate_data."""
-    trained = load_trained(model_dir)
+    data.max_length. Returns the path, the number of lines and the metrics of evaluate_data. The
+    file is never one of the inputs (see check_scores_path)."""
+    out = Path(out_path) if out_path else default_scores_path(model_dir, data_path)
+    check_scores_path(out, data_path, [Path(model_dir)])
+    trained = load_trained(model_dir, trust_remote_code=trust_remote_code)
+    base = Path(load.resolve(trained.cfg.model.name))
+    check_scores_path(out, data_path, [base] if base.is_dir() else [])
     _move_to_device(trained)
     scored = score_examples(trained, data_path, batch_size=batch_size, progress=progress)
-    out = Path(out_path) if out_path else default_scores_path(model_dir, data_path)
     roles = ("chosen", "rejected") if scored.shape == "paired" else ("completion",)
     lines = []
     for n, i in enumerate(scored.index):
@@ -391,6 +403,41 @@ def score_data(
     except OSError as e:
         raise PrefoptError(f"{out}: cannot write the scores: {e.strerror or e}.") from None
     return {"out": str(out), "lines": len(lines), **_header(trained, model_dir, data_path, scored), **_metrics(scored)}
+
+
+def check_scores_path(out: Path, data_path: str, model_dirs: list) -> None:
+    """A PrefoptError when writing the scores to `out` would destroy an input: `out` is a folder, the
+    data file (or inside a data folder), or an existing file of one of `model_dirs` (or of the run
+    folder of a checkpoint) other than those in its scores/ folder."""
+    if out.is_dir():
+        raise PrefoptError(f"{out}: is a folder; --out takes the JSONL file to write the scores to.")
+    data = Path(data_path)
+    if data.exists() and (_same_file(out, data) or (data.is_dir() and _inside(out, data))):
+        raise PrefoptError(
+            f"{out}: is the data file given with --data ({data_path}); the scores never overwrite their input: "
+            "give another --out file, or omit --out (default OUT/scores/<data name>.jsonl)."
+        )
+    folders = list(model_dirs)
+    folders += [m.parent for m in model_dirs if (m.parent / "prefopt.yaml").is_file()]  # a checkpoint's run
+    for folder in folders:
+        if out.exists() and _inside(out, folder) and not _inside(out, folder / "scores"):
+            raise PrefoptError(
+                f"{out}: is a file of the model folder {folder}; the scores never overwrite a model's files: "
+                "give another --out file, or omit --out (default OUT/scores/<data name>.jsonl)."
+            )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` are the same file (links and relative paths resolved)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return a.resolve() == b.resolve()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is in `folder` or below it (links resolved)."""
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 def _num(x) -> float:

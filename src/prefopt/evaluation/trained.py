@@ -11,6 +11,7 @@ A checkpoint folder (OUT/checkpoint-N) works too: its config is read from OUT.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,6 +22,8 @@ from prefopt import config as config_mod
 from prefopt import losses
 from prefopt.errors import PrefoptError
 from prefopt.modeling import load
+
+log = logging.getLogger("prefopt")
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Trained:
     cfg: object  # prefopt.config.Config of the run
     spec: object  # prefopt.losses.LossSpec of the run's loss
     path: Path
+    trust_remote_code: bool = False  # the caller's decision, never the folder's
 
     @property
     def hyper(self) -> dict:
@@ -68,26 +72,33 @@ def find_config(out: Path) -> Path:
     )
 
 
-def load_trained(out_dir: str, dtype: Optional[str] = None) -> Trained:
-    """The policy, reference, tokenizer and config of the `prefopt train` output folder `out_dir`."""
+def load_trained(out_dir: str, dtype: Optional[str] = None, trust_remote_code: bool = False) -> Trained:
+    """The policy, reference, tokenizer and config of the `prefopt train` output folder `out_dir`.
+
+    `trust_remote_code` is the caller's decision (`--trust-remote-code`): the model.trust_remote_code
+    of the folder's own prefopt.yaml is ignored, so a downloaded run folder never runs its code."""
     out = Path(out_dir)
     if not out.is_dir():
         raise PrefoptError(f"{out_dir}: no such folder; give the output folder of a `prefopt train` run.")
     cfg = config_mod.load(str(find_config(out)))
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        log.warning(
+            "%s: its prefopt.yaml says model.trust_remote_code: true; ignored: running a model's code is your "
+            "decision (--trust-remote-code), not the folder's",
+            out,
+        )
     spec = config_mod.resolve_loss(cfg.loss)
-    dtype = dtype or cfg.model.dtype
     tokenizer_dir = out if (out / "tokenizer_config.json").is_file() else load.resolve(cfg.model.name)
-    tokenizer = load.load_tokenizer(str(tokenizer_dir), trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load.load_tokenizer(str(tokenizer_dir), trust_remote_code=trust_remote_code)
     base_path = load.resolve(cfg.model.name)
     common = dict(
-        dtype=dtype,
+        dtype=dtype or cfg.model.dtype,
         attn_implementation=cfg.model.attn_implementation,
         revision=cfg.model.revision,
-        trust_remote_code=cfg.model.trust_remote_code,
+        trust_remote_code=trust_remote_code,
     )
     if (out / "adapter_config.json").is_file():
-        model = PeftModel.from_pretrained(load.load_model(base_path, **common), str(out))
-        ref_model = None
+        model, ref_model = _load_adapter(out, load.load_model(base_path, **common)), None
     elif (out / "config.json").is_file():
         model = load.load_model(str(out), **{**common, "revision": None})
         ref_model = load.load_model(base_path, **common) if spec.needs_reference else None
@@ -100,4 +111,16 @@ def load_trained(out_dir: str, dtype: Optional[str] = None) -> Trained:
     model.eval()
     if ref_model is not None:
         ref_model.requires_grad_(False).eval()
-    return Trained(model=model, ref_model=ref_model, tokenizer=tokenizer, cfg=cfg, spec=spec, path=out)
+    return Trained(model, ref_model, tokenizer, cfg, spec, out, trust_remote_code)
+
+
+def _load_adapter(out: Path, base):
+    """The LoRA adapter of `out` on `base`; a missing or corrupt adapter file a PrefoptError."""
+    load.check_weights(out)
+    try:
+        return PeftModel.from_pretrained(base, str(out))
+    except load.LOAD_ERRORS as e:
+        raise PrefoptError(
+            f"{out}: could not load the LoRA adapter ({type(e).__name__}: {load.detail(e)}); "
+            "adapter_config.json or adapter_model.safetensors is corrupt or belongs to another base model."
+        ) from None

@@ -10,22 +10,33 @@ model, data set or tokenizer never reuses a stale file.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from prefopt.data.collate import responses_of, row_length
+from prefopt.errors import PrefoptError
 from prefopt.modeling import load
 from prefopt.modeling.logprobs import adapter_disabled, collated_logps, sequence_logps
 
 log = logging.getLogger("prefopt")
+
+# The temporary files of _write_cache (KEY.PID.tmp) and of check_cache_dir's write test.
+TEMP_NAME = re.compile(r"^(?:[0-9a-f]{32}|\.write-test)\.(\d+)\.tmp$")
+CHECKSUM_KEY = "prefopt_checksum"  # safetensors metadata of a cache file: a hash of its tensors
+# What reading a damaged cache file can raise (safetensors, torch, the file system).
+CACHE_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, MemoryError, KeyError, TypeError)
 
 
 def weights_fingerprint(model) -> str:
@@ -165,13 +176,17 @@ def precompute(
         return
     names = ("ref_logps", "ref_prefix_logps") if getattr(collator, "ld_prefix", False) else ("ref_logps",)
     path = None if cache_dir is None else _cache_path(model, examples, collator, cache_dir, autocast_dtype, chunk)
-    values = _read_cache(path, names, len(examples))
+    if path is not None:
+        remove_orphans(path.parent)
+    values = _read_cache(path, names, len(examples), len(responses_of(examples[0])))
     _, world = shard
     if world > 1 and not _found_by_all(values is not None, model):
         values = None  # all processes read the cache, or all compute: never some of each (a hang)
     if values is not None:
         log.info("reference log-probs: reusing %s", path)
     else:
+        if path is not None:
+            check_cache_dir(path.parent)  # every process: all fail alike, before any all-reduce
         values = compute_all(
             model,
             examples,
@@ -187,6 +202,54 @@ def precompute(
     _attach(examples, values, names)
 
 
+def check_cache_dir(folder: Path) -> None:
+    """A PrefoptError naming reference.cache_dir unless `folder` is (or can be made) a folder this
+    process can write to: created when missing, then a file written into it and removed."""
+    if folder.exists() and not folder.is_dir():
+        raise PrefoptError(
+            f"reference.cache_dir: '{folder}' is a file, not a folder; give a folder for the cached reference "
+            "log-probs, or leave the key out (the prefopt cache)."
+        )
+    probe = folder / f".write-test.{os.getpid()}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PrefoptError(
+            f"reference.cache_dir: cannot write into '{folder}' ({e.strerror or e}); give a writable folder, "
+            "or leave the key out (the prefopt cache)."
+        ) from None
+
+
+def remove_orphans(folder: Path) -> None:
+    """Remove the temporary files (NAME.PID.tmp) that a cache writer killed mid-write left in
+    `folder`: those whose process PID is no longer alive."""
+    if os.name != "posix" or not folder.is_dir():
+        return  # os.kill(pid, 0) is a liveness test on POSIX only
+    for tmp in folder.glob("*.tmp"):
+        match = TEMP_NAME.match(tmp.name)
+        if match and not _alive(int(match.group(1))):
+            try:
+                tmp.unlink()
+                log.info("removed %s, left by an interrupted reference cache write", tmp)
+            except OSError:
+                pass  # another process removed it, or no permission: harmless either way
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (on this machine)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
 def _cache_path(model, examples: list[dict], collator, cache_dir, autocast_dtype, chunk: int) -> Path:
     """CACHE_DIR/<key>.safetensors, the key covering the reference weights, the token ids, the
     layout and the precision."""
@@ -199,15 +262,51 @@ def _cache_path(model, examples: list[dict], collator, cache_dir, autocast_dtype
     return Path(cache_dir) / f"{key}.safetensors"
 
 
-def _read_cache(path: Optional[Path], names: tuple, n: int) -> Optional[dict]:
-    """The cached tensors at `path`; None when there is no file or it lacks one of `names` for
-    `n` examples."""
+def _read_cache(path: Optional[Path], names: tuple, n: int, k: int) -> Optional[dict]:
+    """The cached tensors at `path`; None when there is no file. A file that cannot be read, fails
+    its checksum or lacks one of `names` as [n, k] is said in a warning and taken as absent (its
+    values are recomputed and the file rewritten)."""
     if path is None or not path.is_file():
         return None
-    values = load_file(str(path))
-    if any(k not in values or values[k].shape[0] != n for k in names):
+    try:
+        problem = load.safetensors_problem(path)
+        if problem is None:
+            values, metadata = _load(path)
+            problem = _cache_problem(values, metadata, names, (n, k))
+    except CACHE_ERRORS as e:
+        problem = f"{type(e).__name__}: {load.detail(e)}"
+    if problem is not None:
+        log.warning("reference cache %s is unreadable (%s); recomputing", path, problem)
         return None
     return values
+
+
+def _load(path: Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of the safetensors file at `path`, the tensors copied out of the file."""
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_tensor(name).clone() for name in f.keys()}, f.metadata() or {}
+
+
+def _cache_problem(values: dict, metadata: dict, names: tuple, shape: tuple) -> Optional[str]:
+    """What is wrong with cached `values`, or None: a missing name, a wrong shape or dtype, a checksum
+    that does not match (files of older versions have none)."""
+    for name in names:
+        if name not in values:
+            return f"no tensor '{name}'"
+        if tuple(values[name].shape) != shape or values[name].dtype != torch.float64:
+            return f"'{name}' is {values[name].dtype} {list(values[name].shape)}, expected float64 {list(shape)}"
+    if CHECKSUM_KEY in metadata and metadata[CHECKSUM_KEY] != _checksum(values):
+        return "checksum mismatch"
+    return None
+
+
+def _checksum(tensors: dict) -> str:
+    """A hash of the names and bytes of `tensors`."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _found_by_all(found: bool, model) -> bool:
@@ -218,11 +317,19 @@ def _found_by_all(found: bool, model) -> bool:
 
 
 def _write_cache(path: Path, tensors: dict) -> None:
-    """Write `tensors` to `path` through a temporary file, so readers never see a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `tensors` (with their checksum) to `path` through a temporary file, so readers never
+    see a partial one. A failure is a warning: the values are in memory, only the cache is lost."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes sharing the cache never collide
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={CHECKSUM_KEY: _checksum(tensors)})
+        tmp.replace(path)
+    except (OSError, SafetensorError) as e:
+        log.warning("could not write the reference cache %s (%s); the values are not cached", path, load.detail(e))
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _attach(examples: list[dict], values: dict, names: tuple) -> None:
@@ -233,13 +340,23 @@ def _attach(examples: list[dict], values: dict, names: tuple) -> None:
 
 
 def for_training(
-    model, spec, cfg, path: str, example_lists: list[list[dict]], collator, args, bf16: bool, progress: bool
+    model,
+    spec,
+    cfg,
+    path: str,
+    example_lists: list[list[dict]],
+    collator,
+    args,
+    bf16: bool,
+    progress: bool,
+    from_policy: bool = False,
 ):
     """The reference a training run needs, set up before the first step: with
     reference.precompute every example of `example_lists` gets its reference log-probs (from the
     cache when valid; under DDP each process computes its share) and None is returned; without it
-    a full fine-tune gets a frozen copy of the model at `path` (returned) and a LoRA run uses the
-    policy with its adapter off (None). Reference-free losses get None."""
+    a full fine-tune gets a frozen copy of the model at `path` (returned; with `from_policy`, a copy
+    of the untrained policy itself) and a LoRA run uses the policy with its adapter off (None).
+    Reference-free losses get None."""
     if not spec.needs_reference:
         return None
     if cfg.reference.precompute:
@@ -260,8 +377,10 @@ def for_training(
                 write_cache=args.local_process_index == 0,
             )
         return None
-    if cfg.lora.enabled:
+    if cfg.lora.enabled or hasattr(model, "disable_adapter"):
         return None
+    if from_policy:
+        return copy.deepcopy(model).requires_grad_(False).eval()
     ref_model = load.load_model(
         path,
         dtype=cfg.model.dtype,

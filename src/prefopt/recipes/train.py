@@ -10,17 +10,19 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from transformers import TrainerState
 
+import prefopt
 from prefopt import config as config_mod
 from prefopt.config import Config
 from prefopt.data.examples import load_examples
 from prefopt.errors import PrefoptError
 from prefopt.modeling import load, reference
-from prefopt.training import checkpoints, run_folder
+from prefopt.training import checkpoints, hub, run_folder
 from prefopt.training.monitor import FailureMonitor
 from prefopt.training.setup import (
     build_model,
@@ -36,41 +38,91 @@ log = logging.getLogger("prefopt")
 
 
 def train(
-    cfg: Config, progress: Optional[bool] = None, resume: bool = False, overwrite: bool = False, force: bool = False
+    cfg: Union[Config, dict, str, None] = None,
+    progress: Optional[bool] = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    force: bool = False,
+    *,
+    model=None,
+    tokenizer=None,
+    train_dataset=None,
+    eval_dataset=None,
 ) -> dict:
-    """Run one training job described by `cfg`; returns a summary (paths, first/last loss).
+    """Run one training job described by `cfg` (a Config, a dict of sections, a YAML path, or None
+    for the defaults); returns a summary (paths, steps, first/last loss).
+
+    From Python, `model` (a transformers model, or a peft model), `tokenizer`, `train_dataset` and
+    `eval_dataset` (a datasets.Dataset, a DatasetDict, or a list of records in any shape prefopt
+    reads) replace model.name, data.train and data.eval.
 
     The run owns train.output_dir (prefopt.training.run_folder): a folder holding another run's
     outputs is refused unless `resume` (continue from its newest complete checkpoint, which must
     have been trained with this config and data unless `force`; from the start if there is none)
-    or `overwrite` (remove them first). A Ctrl-C / SIGTERM stops after the current step with a checkpoint saved; the
-    summary then has `interrupted` = the step, and no final model is written."""
+    or `overwrite` (remove them first). A Ctrl-C / SIGTERM stops after the current step with a
+    checkpoint saved; the summary then has `interrupted` = the step, and no final model is written."""
+    cfg = _as_config(cfg)
     progress = cfg.train.progress if progress is None else progress
     t0 = time.time()
     seed_everything(cfg.train.seed)
     spec = config_mod.resolve_loss(cfg.loss)
-    path = load.resolve(cfg.model.name)
+    path = load.resolve(cfg.model.name) if model is None else _name_of(model, cfg)
     out = run_folder.claim(cfg, path, resume=resume, overwrite=overwrite, is_main=_is_main())
+    inputs = Inputs(model, tokenizer, train_dataset, eval_dataset)
     try:
-        return _run(cfg, spec, path, out, progress, resume, force, t0)
+        return _run(cfg, spec, path, out, progress, resume, force, t0, inputs)
     finally:
         run_folder.release(out)
 
 
-def _run(cfg: Config, spec, path: str, out: Path, progress: bool, resume: bool, force: bool, t0: float) -> dict:
+@dataclass
+class Inputs:
+    """What a Python caller hands over instead of names in the config (None: read the config)."""
+
+    model: object = None
+    tokenizer: object = None
+    train_dataset: object = None
+    eval_dataset: object = None
+
+
+def _as_config(cfg) -> Config:
+    """`cfg` as a complete, validated Config: a Config as it is, a dict of sections, a YAML path, or None."""
+    if cfg is None:
+        return config_mod.from_dict({}, "train()")
+    if isinstance(cfg, dict):
+        return config_mod.from_dict(cfg, "train()")
+    if isinstance(cfg, (str, Path)):
+        return config_mod.load(str(cfg))
+    return cfg
+
+
+def _name_of(model, cfg: Config) -> str:
+    """The name a model object was loaded from (recorded as model.name in the saved config)."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
+    cfg.model.name = str(name) or "<model object>"
+    return cfg.model.name
+
+
+def _run(
+    cfg: Config, spec, path: str, out: Path, progress: bool, resume: bool, force: bool, t0: float, inputs: Inputs
+) -> dict:
     """The run of `train` once its output folder is claimed."""
-    tokenizer = load.load_tokenizer(path, cfg.model.revision, cfg.model.trust_remote_code)
-    train_examples, eval_examples, _ = load_examples(cfg, tokenizer, spec, progress)
+    tokenizer = inputs.tokenizer or _tokenizer(cfg, path)
+    train_examples, eval_examples, _ = load_examples(
+        cfg, tokenizer, spec, progress, train_data=inputs.train_dataset, eval_data=inputs.eval_dataset
+    )
     fingerprint = reference.data_fingerprint(train_examples)
     checkpoint = _checkpoint_to_resume(cfg, out, fingerprint, force) if resume else None
 
     bf16 = use_bf16(cfg.train.bf16)
     args = training_arguments(cfg, bf16)  # sets up the distributed state under accelerate/torchrun
     check_zero3(cfg, spec)
-    model = build_model(cfg, path)
+    model = build_model(cfg, path, inputs.model)
     collator = make_collator(cfg, tokenizer)
     examples = [train_examples, eval_examples]
-    ref_model = reference.for_training(model, spec, cfg, path, examples, collator, args, bf16, progress)
+    ref_model = reference.for_training(
+        model, spec, cfg, path, examples, collator, args, bf16, progress, from_policy=inputs.model is not None
+    )
     resume_step = checkpoints.step_of(checkpoint) if checkpoint else None
     trainer = make_trainer(
         cfg,
@@ -101,18 +153,49 @@ def _run(cfg: Config, spec, path: str, out: Path, progress: bool, resume: bool, 
         return summary
     if eval_examples:
         trainer.evaluate()
-    _save_outputs(trainer, cfg, tokenizer, out)
+    _save_outputs(trainer, cfg, tokenizer, out, path)
+    if trainer.is_world_process_zero():
+        _publish(cfg, path, out, summary)
     log.info("done: %s", summary)
     return summary
 
 
-def _save_outputs(trainer, cfg: Config, tokenizer, out: Path) -> None:
+def _tokenizer(cfg: Config, path: str):
+    """The tokenizer of the model at `path` (a PrefoptError when a model object came without one and
+    its name does not lead to a tokenizer)."""
+    if cfg.model.name == "<model object>":
+        raise PrefoptError("train(): the model object given does not say where it was loaded from; pass tokenizer=.")
+    return load.load_tokenizer(path, cfg.model.revision, cfg.model.trust_remote_code)
+
+
+def _save_outputs(trainer, cfg: Config, tokenizer, out: Path, path: str) -> None:
     """The final model into `out` (atomically), and with lora.merge a merged copy in OUT/merged."""
     _save_final(trainer, out)
     if cfg.lora.enabled and cfg.lora.merge and trainer.is_world_process_zero():
         merged = trainer.model.merge_and_unload()
         merged.save_pretrained(out / "merged", safe_serialization=True)
         tokenizer.save_pretrained(out / "merged")
+
+
+def _publish(cfg: Config, path: str, out: Path, summary: dict) -> None:
+    """Make OUT Hub-ready: the adapter names its base by its public hub id, a model card
+    (README.md) says what was trained on what and how, and with train.push_to_hub it is pushed."""
+    base = hub.public_base(cfg.model.name, path)
+    hub.fix_adapter_base(out, base)
+    push = cfg.train.push_to_hub
+    repo_id = cfg.train.hub_model_id if push else None
+    hub.write_model_card(
+        out,
+        cfg.resolved(),
+        summary,
+        base=base,
+        command="prefopt train prefopt.yaml",
+        version=prefopt.__version__,
+        repo_id=repo_id,
+    )
+    if push:
+        summary["hub_url"] = hub.push(out, repo_id, private=cfg.train.hub_private)
+        log.info("pushed %s to %s", out, summary["hub_url"])
 
 
 def _fit(trainer, checkpoint: Optional[Path]):

@@ -43,6 +43,9 @@ RESUMABLE_KEYS = (
     "train.report_to",
     "train.num_workers",
     "reference.cache_dir",
+    "train.push_to_hub",
+    "train.hub_model_id",
+    "train.hub_private",
     "data.train",
     "data.eval",
 )

@@ -18,7 +18,7 @@ from transformers import TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from prefopt import losses
-from prefopt.config import Config
+from prefopt.config import Config, check_training_args, training_args_kwargs
 from prefopt.data.collate import Collator
 from prefopt.errors import PrefoptError
 from prefopt.modeling import load
@@ -49,17 +49,21 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def build_model(cfg: Config, path: str):
-    """The model to train: loaded from `path` with cfg.model's options, a LoRA adapter added when
-    cfg.lora.enabled, and MLP-only checkpointing applied for gradient_checkpointing: mlp."""
-    model = load.load_model(
-        path,
-        dtype=cfg.model.dtype,
-        attn_implementation=cfg.model.attn_implementation,
-        revision=cfg.model.revision,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
-    if cfg.lora.enabled:
+def build_model(cfg: Config, path: str, model=None):
+    """The model to train: `model` as given, or loaded from `path` with cfg.model's options; a LoRA
+    adapter added when cfg.lora.enabled (unless it is a peft model already), and MLP-only
+    checkpointing applied for gradient_checkpointing: mlp."""
+    if model is None:
+        model = load.load_model(
+            path,
+            dtype=cfg.model.dtype,
+            attn_implementation=cfg.model.attn_implementation,
+            revision=cfg.model.revision,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    if hasattr(model, "disable_adapter"):  # a peft model: its adapter is what trains
+        cfg.lora.enabled = True
+    elif cfg.lora.enabled:
         model = load.add_lora(model, cfg.lora)
     if cfg.train.gradient_checkpointing == "mlp" and checkpoint_mlps(model) == 0:
         log.warning(
@@ -75,36 +79,41 @@ def _checkpointing_arg() -> str:
 
 
 def training_arguments(cfg: Config, bf16: bool) -> TrainingArguments:
-    """transformers' TrainingArguments for cfg.train (creating them sets up the distributed state
-    under accelerate launch / torchrun)."""
+    """transformers' TrainingArguments for cfg.train, with every other TrainingArguments field the
+    config passes through (train.args), checked by transformers itself (creating them sets up the
+    distributed state under accelerate launch / torchrun)."""
     t = cfg.train
-    return TrainingArguments(
-        output_dir=t.output_dir,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr,
-        lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        bf16=bf16,
-        use_cpu=not torch.cuda.is_available(),
-        logging_steps=t.logging_steps,
-        save_strategy="steps" if t.save_steps > 0 else "no",
-        save_steps=t.save_steps if t.save_steps > 0 else 500,
-        save_total_limit=t.save_total_limit or None,
-        eval_strategy="steps" if t.eval_steps > 0 else "no",
-        eval_steps=t.eval_steps if t.eval_steps > 0 else None,
-        report_to=t.report_to,
-        dataloader_num_workers=t.num_workers,
-        remove_unused_columns=False,
-        disable_tqdm=not t.progress,
-        # "mlp" is prefopt's own (see build_model); newer transformers renamed the option
-        **{_checkpointing_arg(): t.gradient_checkpointing is True},
+    return check_training_args(
+        cfg,
+        lambda: TrainingArguments(
+            output_dir=t.output_dir,
+            num_train_epochs=t.epochs,
+            max_steps=t.max_steps,
+            per_device_train_batch_size=t.batch_size,
+            per_device_eval_batch_size=t.batch_size,
+            gradient_accumulation_steps=t.grad_accum,
+            learning_rate=t.lr,
+            lr_scheduler_type=t.scheduler,
+            warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            seed=t.seed,
+            bf16=bf16,
+            use_cpu=not torch.cuda.is_available(),
+            logging_steps=t.logging_steps,
+            save_strategy="steps" if t.save_steps > 0 else "no",
+            save_steps=t.save_steps if t.save_steps > 0 else 500,
+            save_total_limit=t.save_total_limit or None,
+            eval_strategy="steps" if t.eval_steps > 0 else "no",
+            eval_steps=t.eval_steps if t.eval_steps > 0 else None,
+            report_to=t.report_to,
+            dataloader_num_workers=t.num_workers,
+            remove_unused_columns=False,
+            disable_tqdm=not t.progress,
+            # "mlp" is prefopt's own (see build_model); newer transformers renamed the option
+            **{_checkpointing_arg(): t.gradient_checkpointing is True},
+            **training_args_kwargs(cfg),
+        ),
     )
 
 
@@ -154,6 +163,7 @@ def make_trainer(
         wpo=cfg.loss.wpo,
         wpo_clamp=cfg.loss.wpo_clamp,
         run_info=run_info,
+        precompute_reference=False,  # the recipe and the experiments attach it themselves (cached)
         callbacks=[JsonlMetrics(metrics_path), FailureMonitor(), checkpoints.GracefulStop()],
     )
 

@@ -11,14 +11,19 @@ import os
 import time
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from accelerate.utils import AutocastKwargs, DistributedType
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from prefopt import losses
-from prefopt.modeling import reference
+from prefopt.data import formats
+from prefopt.data.collate import Collator
+from prefopt.data.examples import check_shape
+from prefopt.data.tokenize import attach_kl_completions, tokenize_pairs
+from prefopt.errors import PrefoptError
+from prefopt.modeling import load, reference
 from prefopt.modeling.logprobs import sequence_logps
 from prefopt.modeling.sparse_embedding import sparse_tied_embedding_grads
 from prefopt.training import checkpoints
@@ -41,6 +46,28 @@ class _GlobalBCOState(losses.BCOState):
         return super().update(rewards)
 
 
+def as_examples(data, *, tokenizer, spec: losses.LossSpec, seed: int, max_length: int, max_prompt_length: int):
+    """Training examples from `data`: tokenized examples (from prefopt's tokenizer: they carry
+    prompt_ids) as they are; records in any shape prefopt reads (a datasets.Dataset, a DatasetDict's
+    split, a list of dicts) read, checked and tokenized with `tokenizer`; None stays None."""
+    if data is None:
+        return None
+    first = next(iter(data), None)
+    if isinstance(first, dict) and "prompt_ids" in first:
+        return list(data)
+    if tokenizer is None:
+        raise PrefoptError(
+            "PreferenceTrainer: the dataset holds records, not tokenized examples; pass "
+            "processing_class= (the tokenizer) so they can be tokenized."
+        )
+    loaded = formats.load(data)
+    check_shape(spec, loaded.shape, formats.describe_source(data))
+    examples, _ = tokenize_pairs(loaded.items, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    if spec.kl_baseline:
+        attach_kl_completions(examples, seed)
+    return examples
+
+
 def _split(x, K: int):
     """Rows interleaved in groups of K -> (first of each group, second of each group or None)."""
     if x is None:
@@ -49,7 +76,13 @@ def _split(x, K: int):
 
 
 class PreferenceTrainer(Trainer):
-    """A transformers.Trainer whose loss is `loss` (a LossSpec) with hyperparameters `loss_kwargs`.
+    """A transformers.Trainer whose loss is `loss` (a registered name or a LossSpec) with
+    hyperparameters `loss_kwargs` (the loss's defaults for those not given). Used the way TRL's
+    DPOTrainer is: `PreferenceTrainer(model, args, train_dataset=records, processing_class=tokenizer,
+    peft_config=LoraConfig(...), loss="sigmoid", loss_kwargs={"beta": 0.1})` — `model` a model or
+    a name, `records` in any shape prefopt reads (tokenized here, cut to `max_length` /
+    `max_prompt_length`), reference log-probs computed once before the first step (unless
+    `precompute_reference` is false: then a frozen `ref_model`, or the policy with its adapter off).
 
     The reference is the batch's precomputed `ref_logps`, `ref_model` (a frozen copy), or the
     policy with its adapter off. `ld_alpha` (LD-DPO; None = off) and `wpo` (WPO pair weights,
@@ -59,18 +92,56 @@ class PreferenceTrainer(Trainer):
 
     def __init__(
         self,
-        *args,
-        loss: losses.LossSpec,
-        loss_kwargs: dict,
+        model=None,
+        args: Optional[TrainingArguments] = None,
+        *,
+        loss: Union[str, losses.LossSpec] = "sigmoid",
+        loss_kwargs: Optional[dict] = None,
         ref_model=None,
+        peft_config=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        data_collator=None,
+        max_length: int = 512,
+        max_prompt_length: int = 256,
         lm_head_chunk: int = 1024,
         ld_alpha: Optional[float] = None,
         wpo: bool = False,
         wpo_clamp: Optional[float] = 1.0,
         run_info: Optional[dict] = None,
+        precompute_reference: bool = True,
         **kwargs,
     ):
-        super().__init__(*args, **kwargs)
+        loss = losses.get(loss) if isinstance(loss, str) else loss
+        loss_kwargs = {**loss.hyperparameters, **(loss_kwargs or {})}
+        if isinstance(model, str):  # a hub id, a folder, a .gguf file or "default", as model.name
+            path = load.resolve(model)
+            model = load.load_model(path)
+            processing_class = processing_class or load.load_tokenizer(path)
+        if peft_config is not None:
+            model = load.peft_model(model, peft_config)
+        args = args or TrainingArguments(output_dir="runs/prefopt", report_to="none")
+        args.remove_unused_columns = False  # batches are prefopt's rows, not forward() arguments
+        prepare = dict(
+            tokenizer=processing_class,
+            spec=loss,
+            seed=args.seed,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+        )
+        train_dataset, eval_dataset = as_examples(train_dataset, **prepare), as_examples(eval_dataset, **prepare)
+        if data_collator is None and processing_class is not None:
+            data_collator = Collator(processing_class.pad_token_id, ld_prefix=ld_alpha is not None)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            data_collator=data_collator,
+            **kwargs,
+        )
         if (ld_alpha is not None or wpo) and not loss.paired:
             raise ValueError(f"ld_alpha / wpo modify paired losses; '{loss.name}' is unpaired")
         self.loss_spec = loss
@@ -103,6 +174,25 @@ class PreferenceTrainer(Trainer):
             sparse_tied_embedding_grads(self.model)
         if ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        elif loss.needs_reference and precompute_reference:
+            self._precompute_reference()
+
+    def _precompute_reference(self) -> None:
+        """Reference log-probs for examples that lack them, from the model as it is now (it is the
+        reference before the first step; a peft model's adapter is turned off): one model in memory."""
+        for examples in (self.train_dataset, self.eval_dataset):
+            if isinstance(examples, list) and examples and "ref_logps" not in examples[0]:
+                self.model.to(self.args.device)
+                reference.precompute(
+                    self.model,
+                    examples,
+                    self.data_collator,
+                    cache_dir=None,
+                    batch_size=2 * self.args.per_device_train_batch_size,
+                    chunk=self.lm_head_chunk,
+                    autocast_dtype=torch.bfloat16 if self.args.bf16 else None,
+                    progress=not self.args.disable_tqdm,
+                )
 
     def _ld(self, out: dict) -> torch.Tensor:
         """LD-DPO log-probs: prefix + ld_alpha·excess (the plain sums when LD-DPO is off)."""
