@@ -78,7 +78,10 @@ def work(tmp_path_factory, tiny_dir):
 
 ERROR_CASES = {
     # name: (extra args, fragments the one-paragraph message must contain)
-    "unknown-key": (["--train.learning_rate", "1e-5"], ["'train.learning_rate'", "cfg.yaml"]),
+    "unknown-key": (
+        ["--train.learnig_rate", "1e-5"],
+        ["'train.learnig_rate'", "cfg.yaml", "did you mean 'learning_rate'"],
+    ),
     "missing-data": (["--data.train", "{d}/nope.jsonl"], ["{d}/nope.jsonl", "no such file"]),
     "missing-model": (["--model.name", "{d}/no-such-model"], ["model.name", "{d}/no-such-model", "does not exist"]),
     "missing-field": (["--data.train", "{d}/missing-field.jsonl"], ["{d}/missing-field.jsonl line 2", "'rejected'"]),
@@ -111,10 +114,10 @@ def test_bad_input_exits_2_with_one_paragraph(work, case):
 
 
 def test_debug_shows_traceback(work):
-    rc, out, err = run_cli(work, ["--debug", "--train.learning_rate", "1e-5"])
+    rc, out, err = run_cli(work, ["--debug", "--train.learnig_rate", "1e-5"])
     assert rc not in (0, 2)
-    assert "Traceback" in err and "PrefoptError" in err and "'train.learning_rate'" in err
-    rc, out, err = run_cli(work, ["--train.learning_rate", "1e-5", "--debug"])  # anywhere on the line
+    assert "Traceback" in err and "PrefoptError" in err and "'train.learnig_rate'" in err
+    rc, out, err = run_cli(work, ["--train.learnig_rate", "1e-5", "--debug"])  # anywhere on the line
     assert "Traceback" in err and "PrefoptError" in err
 
 
@@ -228,3 +231,28 @@ def test_lora_merge_run(work, tiny_dir):
         la, lm, lb = (m.eval()(ids).logits for m in (adapted, merged, base))
     torch.testing.assert_close(la, lm, atol=1e-4, rtol=1e-4)  # merged == base + adapter
     assert (la - lb).abs().max() > 0  # and the adapter was trained
+
+
+def test_prefopt_config_prints_every_key_with_its_default(capsys):
+    """`prefopt config`: every key of every section, its default and a meaning, as YAML that loads
+    back to the defaults; one section on request; an unknown section is a clear error."""
+    import dataclasses
+
+    import yaml
+
+    from prefopt import config
+    from prefopt.cli import main
+
+    assert main(["config"]) == 0
+    text = capsys.readouterr().out
+    loaded = yaml.safe_load(text)
+    assert loaded == config.Config().resolved()
+    defaults = config.Config()
+    for section in config.SECTIONS:
+        for field in dataclasses.fields(getattr(defaults, section)):
+            line = next(line for line in text.splitlines() if line.startswith(f"  {field.name}:"))
+            assert "  # " in line, line  # its meaning
+    assert main(["config", "lora"]) == 0
+    assert set(yaml.safe_load(capsys.readouterr().out)) == {"lora"}
+    assert main(["config", "trian"]) == 2
+    assert "did you mean 'train'" in capsys.readouterr().err

@@ -5,14 +5,20 @@ of dicts, a file, model and tokenizer objects — on the tiny model."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from datasets import Dataset
+from test_hub import HUB_ID, _hub_cache  # tests/ is on sys.path (rootdir conftest)
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 import prefopt
+from prefopt.evaluation.trained import load_trained
 from prefopt.training.trainer import PreferenceTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +39,40 @@ def test_docs_python_page_runs_as_written(smol_dir, tmp_path, monkeypatch):
     assert namespace["summary"]["steps"] == 2
     for folder in ("python-demo", "python-objects", "python-trainer/final"):
         assert (tmp_path / "runs" / folder).is_dir(), folder
-    card = (tmp_path / "runs" / "python-demo" / "README.md").read_text()
-    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    _the_embedded_adapter_is_hub_ready(tmp_path / "runs" / "python-demo", smol_dir, tmp_path)
+
+
+# loads the adapter with plain transformers + peft, the base named only by its hub id
+LOAD_BY_HUB_ID = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+model = PeftModel.from_pretrained(base, sys.argv[1]).eval()
+with torch.no_grad():
+    torch.save(model(torch.tensor([[1, 2, 3, 4, 5]])).logits, sys.argv[2])
+"""
+
+
+def _the_embedded_adapter_is_hub_ready(run: Path, smol_dir: str, tmp_path: Path) -> None:
+    """An adapter trained on the embedded model names its base by the public hub id, its card has
+    no placeholder, and on a machine where only that hub id resolves (offline, the base in the Hub
+    cache under that id: here a copy of the local conversion) plain peft loads it and computes what
+    prefopt's own loading does."""
+    assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == HUB_ID
+    card = (run / "README.md").read_text()
+    assert f"base_model: {HUB_ID}" in card and "[More Information Needed]" not in card and "TODO" not in card
+    home = tmp_path / "hf-home"
+    _hub_cache(home, HUB_ID, Path(smol_dir))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN")}
+    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    args = [sys.executable, "-c", LOAD_BY_HUB_ID, str(run), str(tmp_path / "logits.pt")]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = load_trained(str(run))
+    with torch.no_grad():
+        expected = trained.model(torch.tensor([[1, 2, 3, 4, 5]])).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=1e-5)
 
 
 def config(tmp_path, out):

@@ -20,8 +20,9 @@
     prefopt report OUTDIR [--out DEST]                    one HTML file with the plots of a run's metrics.jsonl
     prefopt config [SECTION]                              every config key with its default and meaning (YAML)
 
-Bad input (config, data, model path) prints one paragraph naming the file/line or key and exits
-with code 2; `--debug` shows the traceback instead.
+eval and score run no code that comes with the evaluated model unless given --trust-remote-code
+(the folder's own prefopt.yaml never decides). Bad input (config, data, model path) prints one
+paragraph naming the file/line or key and exits with code 2; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations

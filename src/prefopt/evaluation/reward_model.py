@@ -100,13 +100,7 @@ def _reference_model(trained):
     if trained.ref_model is not None or hasattr(trained.model, "disable_adapter"):
         return trained.reference()
     cfg = trained.cfg.model
-    base = load.load_model(
-        load.resolve(cfg.name),
-        dtype=cfg.dtype,
-        attn_implementation=cfg.attn_implementation,
-        revision=cfg.revision,
-        trust_remote_code=trained.trust_remote_code,  # the caller's decision
-    )
+    base = load.load_configured(load.resolve(cfg.name), cfg, trust_remote_code=trained.trust_remote_code)
     base.requires_grad_(False).eval().to(next(trained.model.parameters()).device)
     return contextlib.nullcontext(base)
 

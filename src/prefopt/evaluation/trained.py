@@ -118,7 +118,8 @@ def _load_adapter(out: Path, base):
     """The LoRA adapter of `out` on `base`; a missing or corrupt adapter file a PrefoptError."""
     load.check_weights(out)
     try:
-        return PeftModel.from_pretrained(base, str(out))
+        with load.quiet_peft():
+            return PeftModel.from_pretrained(base, str(out))
     except load.LOAD_ERRORS as e:
         raise PrefoptError(
             f"{out}: could not load the LoRA adapter ({type(e).__name__}: {load.detail(e)}); "

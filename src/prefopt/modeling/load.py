@@ -8,6 +8,7 @@ that folder and take well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -288,6 +289,18 @@ def safetensors_problem(path: Path) -> Optional[str]:
     return None
 
 
+def load_configured(path: str, model_cfg, **overrides):
+    """load_model(path) with the options of a config's `model` section (dtype, attention,
+    revision, trust_remote_code), any of them replaced by `overrides`."""
+    options = dict(
+        dtype=model_cfg.dtype,
+        attn_implementation=model_cfg.attn_implementation,
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    return load_model(path, **{**options, **overrides})
+
+
 def add_lora(model, cfg):
     """Wrap `model` in a fresh peft LoRA adapter (cfg: prefopt.config.LoraConfig)."""
     # Lazy: importing peft takes ~1.5 s, and `prefopt data` imports this module for the tokenizer only.
@@ -305,14 +318,20 @@ def add_lora(model, cfg):
         ) from None
 
 
-def peft_model(model, peft_config):
-    """peft's get_peft_model(model, peft_config), without the FutureWarning peft triggers on every call
-    by reading transformers' deprecated `is_gradient_checkpointing` (not ours to fix; only that
-    message is silenced)."""
-    from peft import get_peft_model  # lazy: see add_lora
-
+@contextlib.contextmanager
+def quiet_peft():
+    """Silence the FutureWarning peft triggers whenever it wraps a model, by reading transformers'
+    deprecated `is_gradient_checkpointing` (not ours to fix; only that message is silenced)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def peft_model(model, peft_config):
+    """peft's get_peft_model(model, peft_config), without peft's deprecation noise (quiet_peft)."""
+    from peft import get_peft_model  # lazy: see add_lora
+
+    with quiet_peft():
         return get_peft_model(model, peft_config)
 
 

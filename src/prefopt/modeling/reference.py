@@ -381,13 +381,7 @@ def for_training(
         return None
     if from_policy:
         return copy.deepcopy(model).requires_grad_(False).eval()
-    ref_model = load.load_model(
-        path,
-        dtype=cfg.model.dtype,
-        attn_implementation=cfg.model.attn_implementation,
-        revision=cfg.model.revision,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    ref_model = load.load_configured(path, cfg.model)
     return ref_model.requires_grad_(False).eval()
 
 

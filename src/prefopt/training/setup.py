@@ -54,13 +54,7 @@ def build_model(cfg: Config, path: str, model=None):
     adapter added when cfg.lora.enabled (unless it is a peft model already), and MLP-only
     checkpointing applied for gradient_checkpointing: mlp."""
     if model is None:
-        model = load.load_model(
-            path,
-            dtype=cfg.model.dtype,
-            attn_implementation=cfg.model.attn_implementation,
-            revision=cfg.model.revision,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
+        model = load.load_configured(path, cfg.model)
     if hasattr(model, "disable_adapter"):  # a peft model: its adapter is what trains
         cfg.lora.enabled = True
     elif cfg.lora.enabled:

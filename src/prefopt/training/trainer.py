@@ -68,6 +68,18 @@ def as_examples(data, *, tokenizer, spec: losses.LossSpec, seed: int, max_length
     return examples
 
 
+def _model_and_tokenizer(model, tokenizer, peft_config):
+    """(the model to train, its tokenizer): `model` a model object or a name (hub id, folder, .gguf,
+    "default": loaded, with its tokenizer unless one is given); wrapped by peft with `peft_config`."""
+    if isinstance(model, str):
+        path = load.resolve(model)
+        model = load.load_model(path)
+        tokenizer = tokenizer or load.load_tokenizer(path)
+    if peft_config is not None:
+        model = load.peft_model(model, peft_config)
+    return model, tokenizer
+
+
 def _split(x, K: int):
     """Rows interleaved in groups of K -> (first of each group, second of each group or None)."""
     if x is None:
@@ -115,12 +127,7 @@ class PreferenceTrainer(Trainer):
     ):
         loss = losses.get(loss) if isinstance(loss, str) else loss
         loss_kwargs = {**loss.hyperparameters, **(loss_kwargs or {})}
-        if isinstance(model, str):  # a hub id, a folder, a .gguf file or "default", as model.name
-            path = load.resolve(model)
-            model = load.load_model(path)
-            processing_class = processing_class or load.load_tokenizer(path)
-        if peft_config is not None:
-            model = load.peft_model(model, peft_config)
+        model, processing_class = _model_and_tokenizer(model, processing_class, peft_config)
         args = args or TrainingArguments(output_dir="runs/prefopt", report_to="none")
         args.remove_unused_columns = False  # batches are prefopt's rows, not forward() arguments
         prepare = dict(
@@ -144,16 +151,19 @@ class PreferenceTrainer(Trainer):
         )
         if (ld_alpha is not None or wpo) and not loss.paired:
             raise ValueError(f"ld_alpha / wpo modify paired losses; '{loss.name}' is unpaired")
-        self.loss_spec = loss
-        self.loss_kwargs = dict(loss_kwargs)
-        self.ref_model = ref_model
-        self.lm_head_chunk = lm_head_chunk
-        self.ld_alpha = ld_alpha
-        self.wpo = bool(wpo)
-        self.wpo_clamp = wpo_clamp
+        self.loss_spec, self.loss_kwargs, self.ref_model = loss, dict(loss_kwargs), ref_model
+        self.lm_head_chunk, self.ld_alpha, self.wpo, self.wpo_clamp = lm_head_chunk, ld_alpha, bool(wpo), wpo_clamp
         self.run_info = run_info  # saved in every checkpoint (checkpoints.RUN_FILE); None: nothing saved
+        self._init_state()
+        if ref_model is not None:
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        elif loss.needs_reference and precompute_reference:
+            self._precompute_reference()
+
+    def _init_state(self) -> None:
+        """What the trainer keeps across steps, and the settings it applies to the accelerator/model."""
         self.nonfinite_step: Optional[int] = None  # a save step whose weights or moments were not finite
-        self.loss_state = _GlobalBCOState(self.accelerator) if loss.stateful else None
+        self.loss_state = _GlobalBCOState(self.accelerator) if self.loss_spec.stateful else None
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         # (implicit rewards, lengths) of recently trained batches, kept on the device (no sync per
         # step); rewards/length_corr is computed over their last LENGTH_CORR_SEQS sequences at log time
@@ -172,10 +182,6 @@ class PreferenceTrainer(Trainer):
         self.accelerator.autocast_handler = AutocastKwargs(cache_enabled=False)
         if self.accelerator.distributed_type == DistributedType.NO:  # see sparse_embedding.py
             sparse_tied_embedding_grads(self.model)
-        if ref_model is not None:
-            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
-        elif loss.needs_reference and precompute_reference:
-            self._precompute_reference()
 
     def _precompute_reference(self) -> None:
         """Reference log-probs for examples that lack them, from the model as it is now (it is the
