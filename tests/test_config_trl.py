@@ -5,6 +5,7 @@ TrainingArguments and peft.LoraConfig fields passed through, the keys prefopt se
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import peft
 import pytest
@@ -295,14 +296,20 @@ def test_trl_lora_modules_to_save_is_peft_modules_to_save():
     [
         ({"bias": "some"}, "'lora.bias' must be one of none, all, lora_only, found 'some'."),
         ({"use_dora": "yes"}, "'lora.use_dora' must be true or false, found 'yes'."),
-        ({"layers_to_transform": "x"}, "'lora.layers_to_transform' must be a list or an integer, found 'x'."),
+        # typing caches Union[list[int], int] and Union[int, list[int]] as one object, so the order of
+        # the two depends on which another library built first: either order is right
+        (
+            {"layers_to_transform": "x"},
+            "'lora.layers_to_transform' must be (a list or an integer|an integer or a list), found 'x'.",
+        ),
         ({"task_type": "SEQ_CLS"}, "'lora.task_type' is a peft.LoraConfig field that prefopt sets itself"),
         ({"revision": "main"}, "model.revision"),
         ({"use_dora": True, "lora_bias": True}, "peft.LoraConfig refused 'lora.use_dora' = True, 'lora.lora_bias'"),
     ],
 )
 def test_lora_passthrough_errors(raw, what):
-    assert what in error({"lora": raw})
+    message = error({"lora": raw})
+    assert what in message or re.search(what.replace(".", r"\.").replace("(a list", "(a list"), message)
 
 
 def test_init_lora_weights_pattern_choice_is_accepted():

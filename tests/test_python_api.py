@@ -129,3 +129,19 @@ def test_preference_trainer_takes_a_dataset_of_records(tiny_dir, tmp_path):
     result = trainer.train()
     first = next(h for h in trainer.state.log_history if "loss" in h)
     assert first["loss"] == pytest.approx(0.6931, abs=1e-3) and result.global_step == 2
+
+
+def test_train_completes_a_config_object_and_leaves_it_unchanged(tiny_dir, tmp_path):
+    """A prefopt.Config built in code gets the loss's defaults (β …) and is validated; the caller's
+    object is not changed (a second call with it trains the same way)."""
+    cfg = prefopt.Config()
+    cfg.model.name = tiny_dir
+    cfg.data.train = str(tmp_path / "pairs.jsonl")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    cfg.train.output_dir, cfg.train.max_steps, cfg.train.progress = str(tmp_path / "a"), 1, False
+    cfg.reference.cache_dir = str(tmp_path / "ref")
+    before = cfg.resolved()
+    assert prefopt.train(cfg)["steps"] == 1
+    assert cfg.resolved() == before and cfg.loss.beta is None
+    cfg.train.output_dir = str(tmp_path / "b")
+    assert prefopt.train(cfg)["steps"] == 1

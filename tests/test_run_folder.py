@@ -235,3 +235,24 @@ def test_output_dir_that_is_not_a_folder_is_refused(tiny_dir, tmp_path, case):
     with pytest.raises(PrefoptError, match="output_dir.*file"):
         train(cfg)
     assert blocker.read_text() == "keep me"
+
+
+def test_overwrite_never_removes_what_the_run_reads(tiny_dir, tmp_path):
+    """--overwrite removes the earlier run's outputs, but not a model (or data) inside them that this
+    run trains from: e.g. model.name: OUT/checkpoint-2 with output_dir OUT."""
+    first = make_cfg(tiny_dir, tmp_path, out="run")
+    train(first)
+    out = Path(first.train.output_dir)
+    second = make_cfg(str(out / "checkpoint-2"), tmp_path, out="run")
+    with pytest.raises(PrefoptError, match="--overwrite would remove .*checkpoint-2, which this run reads"):
+        train(second, overwrite=True)
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [(dict(resume=True, overwrite=True), "give one"), (dict(force=True), "--force goes with --resume")],
+)
+def test_contradictory_flags_are_refused(tiny_dir, tmp_path, flags, fragment):
+    with pytest.raises(PrefoptError, match=fragment):
+        train(make_cfg(tiny_dir, tmp_path), **flags)

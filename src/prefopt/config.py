@@ -28,6 +28,7 @@ import functools
 import importlib.util
 import logging
 import math
+import os
 import re
 import reprlib
 import textwrap
@@ -1266,8 +1267,12 @@ def load(path: Optional[str], overrides: Optional[list[str]] = None) -> Config:
 
 
 def save(cfg: Config, path: Path) -> None:
-    """Write `cfg`, fully resolved, as YAML to `path`."""
-    path.write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
+    """Write `cfg`, fully resolved, as YAML to `path` (a temporary file renamed into place: a kill
+    never leaves half a config)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
+    tmp.replace(path)
 
 
 # --- One reference of every key ---------------------------------------------------------------------

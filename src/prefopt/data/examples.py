@@ -53,7 +53,7 @@ def eval_source(d) -> Optional[tuple[str, Optional[str]]]:
     named_split = getattr(d, "eval_split", None)
     if not d.eval and not named_split:
         return None
-    train_base, train_named = sources.parse_source(d.train)
+    train_base, train_named = sources.parse_source(d.train) if isinstance(d.train, str) else (None, None)
     train_split = train_named or d.split
     base, named = sources.parse_source(d.eval) if d.eval else (train_base, None)
     same = _same_source(base, train_base)

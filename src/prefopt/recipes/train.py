@@ -6,6 +6,7 @@ prefopt.modeling, prefopt.training) that other jobs share.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -61,7 +62,13 @@ def train(
     have been trained with this config and data unless `force`; from the start if there is none)
     or `overwrite` (remove them first). A Ctrl-C / SIGTERM stops after the current step with a
     checkpoint saved; the summary then has `interrupted` = the step, and no final model is written."""
+    if resume and overwrite:
+        raise PrefoptError("--resume continues the run in train.output_dir and --overwrite removes it; give one.")
+    if force and not resume:
+        raise PrefoptError("--force goes with --resume (resume although the config or data changed).")
     cfg = _as_config(cfg)
+    if hasattr(model, "peft_config"):  # a peft model: its adapter is what trains, and what the config records
+        _record_adapter(cfg, model)
     progress = cfg.train.progress if progress is None else progress
     t0 = time.time()
     seed_everything(cfg.train.seed)
@@ -86,14 +93,29 @@ class Inputs:
 
 
 def _as_config(cfg) -> Config:
-    """`cfg` as a complete, validated Config: a Config as it is, a dict of sections, a YAML path, or None."""
+    """`cfg` as a complete, validated Config of this run's own (the caller's object is not changed):
+    a Config, a dict of sections, a YAML path, or None for the defaults."""
     if cfg is None:
         return config_mod.from_dict({}, "train()")
     if isinstance(cfg, dict):
         return config_mod.from_dict(cfg, "train()")
     if isinstance(cfg, (str, Path)):
         return config_mod.load(str(cfg))
+    cfg = copy.deepcopy(cfg)
+    config_mod.complete(cfg, "train()")
     return cfg
+
+
+def _record_adapter(cfg: Config, model) -> None:
+    """The LoRA settings of the peft model given, into the run's config (what trains, and is recorded)."""
+    adapter = next(iter(model.peft_config.values()))
+    cfg.lora.enabled = True
+    for key, attribute in (("r", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout")):
+        if getattr(adapter, attribute, None) is not None:
+            setattr(cfg.lora, key, getattr(adapter, attribute))
+    targets = getattr(adapter, "target_modules", None)
+    if targets:
+        cfg.lora.target_modules = targets if isinstance(targets, str) else sorted(targets)
 
 
 def _name_of(model, cfg: Config) -> str:
@@ -111,7 +133,8 @@ def _run(
     train_examples, eval_examples, _ = load_examples(
         cfg, tokenizer, spec, progress, train_data=inputs.train_dataset, eval_data=inputs.eval_dataset
     )
-    fingerprint = reference.data_fingerprint(train_examples)
+    labels = "".join(str(int(ex["label"])) for ex in train_examples if "label" in ex)  # unpaired data's labels
+    fingerprint = reference.data_fingerprint(train_examples, labels)
     checkpoint = _checkpoint_to_resume(cfg, out, fingerprint, force) if resume else None
 
     bf16 = use_bf16(cfg.train.bf16)
@@ -229,7 +252,7 @@ def _checkpoint_to_resume(cfg: Config, out: Path, fingerprint: str, force: bool)
             )
         log.warning("--resume: no complete checkpoint in %s; starting from the beginning", out)
         return None
-    run_folder.check_resume(cfg, checkpoint, fingerprint, force=force)
+    run_folder.check_resume(cfg, checkpoint, fingerprint, force=force, record=_is_main())
     log.info("resuming from %s", checkpoint)
     return checkpoint
 
@@ -239,6 +262,8 @@ def _stop_if_nonfinite(trainer, out: Path) -> None:
     moment; it names the newest checkpoint verified finite."""
     monitor = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FailureMonitor))
     step = monitor.nonfinite_step if monitor.nonfinite_step is not None else trainer.nonfinite_step
+    if step is None and not trainer.state_is_finite():  # diverged after the last log and save
+        step = trainer.state.global_step
     if step is None:
         return
     last_good = checkpoints.last_good(out)

