@@ -28,7 +28,6 @@ import functools
 import importlib.util
 import logging
 import math
-import os
 import re
 import reprlib
 import textwrap
@@ -48,6 +47,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from prefopt import losses
 from prefopt.data import formats, sources
 from prefopt.errors import PrefoptError
+from prefopt.files import write_text_atomic
 
 
 def _key(default: Any = None, meaning: str = "", factory: Any = None):
@@ -1269,10 +1269,7 @@ def load(path: Optional[str], overrides: Optional[list[str]] = None) -> Config:
 def save(cfg: Config, path: Path) -> None:
     """Write `cfg`, fully resolved, as YAML to `path` (a temporary file renamed into place: a kill
     never leaves half a config)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(cfg.resolved(), sort_keys=False))
 
 
 # --- One reference of every key ---------------------------------------------------------------------

@@ -18,13 +18,13 @@ import html
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import yaml
 from matplotlib.figure import Figure
 
 from prefopt.errors import PrefoptError
+from prefopt.files import write_text_atomic
 
 SMOOTH_ABOVE = 20  # more train points than this: raw line thin and faint, EMA drawn on top
 GREEN, RED, BLUE, ORANGE, GREY = "#2a9d5c", "#d1495b", "#3366cc", "#e69f00", "#555555"
@@ -194,9 +194,7 @@ def _write_pages(outdir: Path, dest: Path, rows: dict, series: dict) -> Path:
             fig = _histogram(series["rewards/chosen"][1], series["rewards/rejected"][1])
             figures.append(("rewards_hist", _data_uri(fig), "Implicit reward distribution", HIST_CAPTION))
     index = dest / "index.html"
-    tmp = dest / f".index.html.{os.getpid()}.tmp"
-    tmp.write_text(_html(outdir, _config_summary(outdir), _summary(rows), figures), encoding="utf-8")
-    tmp.replace(index)
+    write_text_atomic(index, _html(outdir, _config_summary(outdir), _summary(rows), figures))
     return index
 
 

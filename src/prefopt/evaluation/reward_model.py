@@ -48,6 +48,7 @@ from prefopt.data import formats
 from prefopt.data.tokenize import PairTokenizer
 from prefopt.errors import PrefoptError
 from prefopt.evaluation.trained import load_trained
+from prefopt.files import write_text_atomic
 from prefopt.modeling import load
 from prefopt.modeling.reference import per_response
 from prefopt.training.setup import make_collator
@@ -391,9 +392,7 @@ def score_data(
             lines.append(json.dumps(row, ensure_ascii=False))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        tmp.replace(out)
+        write_text_atomic(out, "".join(line + "\n" for line in lines))
     except OSError as e:
         raise PrefoptError(f"{out}: cannot write the scores: {e.strerror or e}.") from None
     return {"out": str(out), "lines": len(lines), **_header(trained, model_dir, data_path, scored), **_metrics(scored)}

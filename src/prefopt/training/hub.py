@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +27,7 @@ from huggingface_hub import errors as hub_errors
 
 from prefopt import losses
 from prefopt.errors import PrefoptError
+from prefopt.files import write_text_atomic
 
 log = logging.getLogger("prefopt")
 
@@ -99,23 +98,6 @@ def public_base(model_name: str, resolved_path: str) -> str:
     return str(resolved_path)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """`text` into `path` through a temporary file in the same folder renamed over it, so a kill
-    leaves either the old file or the new one (the file keeps its permissions; a new one is 0644)."""
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _is_local_path(value: object) -> bool:
     return isinstance(value, str) and (value.startswith(("/", "~", ".")) or Path(value).exists())
 
@@ -145,7 +127,7 @@ def _set_json_key(path: Path, key: str, value: str) -> None:
     if data.get(key) == value:
         return
     data[key] = value
-    _write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     log.info("%s: %s = %s", path, key, value)
 
 
@@ -479,7 +461,7 @@ def write_model_card(
     rows = read_metrics_rows(out / "metrics.jsonl")
     text = model_card(cfg_dict, summary, rows, base=base, command=command, version=version, repo_id=repo_id)
     path = out / "README.md"
-    _write_atomic(path, text)
+    write_text_atomic(path, text)
     return path
 
 

@@ -21,6 +21,7 @@ from prefopt import losses
 from prefopt.config import Config, check_training_args, training_args_kwargs
 from prefopt.data.collate import Collator
 from prefopt.errors import PrefoptError
+from prefopt.files import write_text_atomic
 from prefopt.modeling import load
 from prefopt.modeling.checkpointing import checkpoint_mlps
 from prefopt.training import checkpoints
@@ -177,9 +178,7 @@ def _keep_metrics_up_to(path: Path, step: Optional[int]) -> None:
                 kept.append(line)
         except ValueError:  # a line cut by the kill
             continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def check_zero3(cfg: Config, spec: losses.LossSpec) -> None:
