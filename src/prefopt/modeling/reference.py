@@ -339,6 +339,30 @@ def _attach(examples: list[dict], values: dict, names: tuple) -> None:
             ex[k] = v
 
 
+def precompute_for_training(
+    model, example_lists: list, collator, args, *, cache_dir: Optional[Path], chunk: int, progress: bool
+) -> None:
+    """`precompute` on each list of `example_lists` the way a training run with TrainingArguments
+    `args` does it: on its device, batches of twice the training batch, bf16 autocast when the run
+    uses it, progress on the first process only; under DDP each process computes its share and the
+    first process of each machine writes the cache."""
+    if torch.cuda.is_available():
+        model.to(args.device)
+    for examples in example_lists:
+        precompute(
+            model,
+            examples,
+            collator,
+            cache_dir=cache_dir,
+            batch_size=2 * args.per_device_train_batch_size,
+            chunk=chunk,
+            autocast_dtype=torch.bfloat16 if args.bf16 else None,
+            progress=progress and args.process_index == 0,
+            shard=(args.process_index, args.world_size),
+            write_cache=args.local_process_index == 0,
+        )
+
+
 def for_training(
     model,
     spec,
@@ -347,7 +371,6 @@ def for_training(
     example_lists: list[list[dict]],
     collator,
     args,
-    bf16: bool,
     progress: bool,
     from_policy: bool = False,
 ):
@@ -361,21 +384,9 @@ def for_training(
         return None
     if cfg.reference.precompute:
         cache = Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else load.cache_dir() / "reference"
-        if torch.cuda.is_available():
-            model.to(args.device)
-        for examples in example_lists:
-            precompute(
-                model,
-                examples,
-                collator,
-                cache_dir=cache,
-                batch_size=2 * cfg.train.batch_size,
-                chunk=cfg.train.lm_head_chunk,
-                autocast_dtype=torch.bfloat16 if bf16 else None,
-                progress=progress and args.process_index == 0,
-                shard=(args.process_index, args.world_size),
-                write_cache=args.local_process_index == 0,
-            )
+        precompute_for_training(
+            model, example_lists, collator, args, cache_dir=cache, chunk=cfg.train.lm_head_chunk, progress=progress
+        )
         return None
     if cfg.lora.enabled or hasattr(model, "disable_adapter"):
         return None

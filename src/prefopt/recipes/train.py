@@ -144,7 +144,7 @@ def _run(
     collator = make_collator(cfg, tokenizer)
     examples = [train_examples, eval_examples]
     ref_model = reference.for_training(
-        model, spec, cfg, path, examples, collator, args, bf16, progress, from_policy=inputs.model is not None
+        model, spec, cfg, path, examples, collator, args, progress, from_policy=inputs.model is not None
     )
     resume_step = checkpoints.step_of(checkpoint) if checkpoint else None
     trainer = make_trainer(

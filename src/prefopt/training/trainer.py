@@ -191,19 +191,20 @@ class PreferenceTrainer(Trainer):
     def _precompute_reference(self) -> None:
         """Reference log-probs for examples that lack them, from the model as it is now (it is the
         reference before the first step; a peft model's adapter is turned off): one model in memory."""
-        for examples in (self.train_dataset, self.eval_dataset):
-            if isinstance(examples, list) and examples and "ref_logps" not in examples[0]:
-                self.model.to(self.args.device)
-                reference.precompute(
-                    self.model,
-                    examples,
-                    self.data_collator,
-                    cache_dir=None,
-                    batch_size=2 * self.args.per_device_train_batch_size,
-                    chunk=self.lm_head_chunk,
-                    autocast_dtype=torch.bfloat16 if self.args.bf16 else None,
-                    progress=not self.args.disable_tqdm,
-                )
+        lacking = [
+            ex
+            for ex in (self.train_dataset, self.eval_dataset)
+            if isinstance(ex, list) and ex and "ref_logps" not in ex[0]
+        ]
+        reference.precompute_for_training(
+            self.model,
+            lacking,
+            self.data_collator,
+            self.args,
+            cache_dir=None,
+            chunk=self.lm_head_chunk,
+            progress=not self.args.disable_tqdm,
+        )
 
     def _ld(self, out: dict) -> torch.Tensor:
         """LD-DPO log-probs: prefix + ld_alpha·excess (the plain sums when LD-DPO is off)."""
