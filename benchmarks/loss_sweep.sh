@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Train 5 steps with every registered loss on the embedded model (LoRA): paired losses on the
 # shared HH pairs, unpaired ones on the shared KTO data. Prints one line per loss.
-# Usage: bash benchmarks/loss_sweep.sh [OUTDIR]
+# Usage: bash benchmarks/loss_sweep.sh [OUTDIR [LOSS ...]]   (no LOSS: every registered loss)
 set -u
 out=${1:-runs/loss-sweep}
+shift $(( $# > 0 ? 1 : 0 ))
 data=${PREFOPT_SHARED_DATA:-../shared/data}
 mkdir -p "$out"
-for name in $(python -c "from prefopt import losses; print(' '.join(losses.names()))"); do
+names=${*:-$(python -c "from prefopt import losses; print(' '.join(losses.names()))")}
+for name in $names; do
   file=$data/hh-harmless-train.jsonl
   if python -c "from prefopt import losses; import sys; sys.exit(0 if losses.get('$name').paired else 1)"; then :; else
     file=$data/kto-en-demo.json

@@ -58,7 +58,8 @@ ALIAS_CASES = [
 
 def test_every_alias_is_tested():
     tested = {(section, alias) for section, alias, *_ in ALIAS_CASES}
-    assert tested | {("lora", "lora_modules_to_save")} == {(s, a) for s, names in config.ALIASES.items() for a in names}
+    elsewhere = {("lora", "lora_modules_to_save"), ("loss", "ref_model_mixup_alpha"), ("loss", "ref_model_sync_steps")}
+    assert tested | elsewhere == {(s, a) for s, names in config.ALIASES.items() for a in names}
 
 
 @pytest.mark.parametrize("section,alias,value,key,expected", ALIAS_CASES)
@@ -490,3 +491,57 @@ def test_describe_shows_defaults_meanings_and_names():
 def test_describe_unknown_section():
     with pytest.raises(PrefoptError, match=r"unknown section 'trian' \(did you mean 'train'\?\)\. Known sections"):
         config.describe("trian")
+
+
+# --- TR-DPO and the other losses of issue 16 ---------------------------------------------------------
+
+
+def test_trl_tr_dpo_settings_are_tr_dpo():
+    """TRL's DPOConfig TR-DPO: sync_ref_model: true makes DPO tr_dpo, and ref_model_mixup_alpha /
+    ref_model_sync_steps are its loss.tr_alpha / loss.tr_tau."""
+    trl = {"loss_type": "sigmoid", "beta": 0.1, "sync_ref_model": True}
+    cfg = config.from_dict({"loss": {**trl, "ref_model_mixup_alpha": 0.5, "ref_model_sync_steps": 64}})
+    assert (cfg.loss.name, cfg.loss.tr_alpha, cfg.loss.tr_tau) == ("tr_dpo", 0.5, 64)
+    assert cfg.reference.precompute is False
+    saved = cfg.resolved()["loss"]
+    assert "sync_ref_model" not in saved and "ref_model_mixup_alpha" not in saved and saved["tr_tau"] == 64
+    for loss in ({"sync_ref_model": True}, {"name": "dpo", "sync_ref_model": True}):  # DPO is TRL's default
+        assert config.from_dict({"loss": loss}).loss.name == "tr_dpo"
+    assert config.from_dict({"loss": {"loss_type": "ipo", "sync_ref_model": False}}).loss.name == "ipo"
+    # without sync_ref_model, TRL ignores the other two; so does DPO here (said in a warning)
+    assert config.from_dict({"loss": {"ref_model_sync_steps": 64}}).loss.tr_tau is None
+
+
+@pytest.mark.parametrize(
+    "loss, message",
+    [
+        (
+            {"loss_type": "ipo", "sync_ref_model": True},
+            "'loss.sync_ref_model' is true (TRL's TR-DPO), but loss.name is 'ipo': prefopt's moving reference is "
+            "the loss tr_dpo",
+        ),
+        ({"name": "tr_dpo", "sync_ref_model": False}, "'loss.sync_ref_model' is false, but loss.name is tr_dpo"),
+        ({"sync_ref_model": "yes"}, "'loss.sync_ref_model' must be true or false, found 'yes'."),
+        ({"name": "tr_dpo", "ref_model_mixup_alpha": 1.5}, "'loss.tr_alpha' must be in (0, 1], found 1.5."),
+        ({"name": "tr_dpo", "tr_tau": 0}, "'loss.tr_tau' must be >= 1 (optimizer steps between reference updates)"),
+        ({"name": "tr_dpo", "tr_tau": 2.5}, "'loss.tr_tau' must be an integer"),
+        ({"name": "beta_dpo", "beta_dpo_rho": 0}, "'loss.beta_dpo_rho' must be in (0, 1], found 0.0."),
+    ],
+)
+def test_bad_tr_dpo_and_beta_dpo_settings(loss, message):
+    assert message in error({"loss": loss})
+
+
+def test_sync_ref_model_in_another_section_names_its_section():
+    assert "it is TRL's TR-DPO switch, a key of loss: (sync_ref_model: true is loss.name: tr_dpo)" in error(
+        {"train": {"sync_ref_model": True}}
+    )
+
+
+def test_prefopt_config_loss_lists_the_new_hyperparameters():
+    text = config.describe("loss")
+    for key in ("dpop_lambda", "beta_dpo_alpha", "beta_dpo_rho", "tr_alpha", "tr_tau", "alphapo_alpha"):
+        assert f"  {key}: null  # " in text, key
+    assert "ref_model_mixup_alpha (= tr_alpha)" in text and "ref_model_sync_steps (= tr_tau)" in text
+    assert "sync_ref_model: true is loss.name: tr_dpo" in " ".join(line.lstrip("# ") for line in text.splitlines())
+    assert "  precompute: null  # " in config.describe("reference")

@@ -125,11 +125,21 @@ def test_every_loss_trains(loss, tiny_dir, data_files, tmp_path, monkeypatch):
     cache = Path(cfg.reference.cache_dir)
     logged = metrics(cfg.train.output_dir)
     keys = set().union(*logged)
-    if spec.needs_reference:
+    if spec.moving_reference:  # TR-DPO: never precomputed, computed on the fly from the moving copy
+        assert cfg.reference.precompute is False
+        assert calls["precompute"] == 0 and calls["reference_forward"] >= 2
+        assert not cache.exists() or not any(cache.iterdir())
+        assert {"logps/ref_chosen", "logps/ref_rejected"} <= keys
+    elif spec.needs_reference:
         assert calls["precompute"] >= 1 and calls["reference_forward"] >= 2
         assert list(cache.glob("*.safetensors"))
         if spec.paired:
             assert {"logps/ref_chosen", "logps/ref_rejected"} <= keys
+        if spec.token_subset is not None:  # SamPO: the subset's sums precomputed beside the whole ones
+            from safetensors.torch import load_file
+
+            (f,) = cache.glob("*.safetensors")
+            assert set(load_file(str(f))) == {"ref_logps", "ref_subset_logps"}
     else:
         assert calls["precompute"] == 0 and calls["reference_forward"] == 0
         assert not cache.exists() or not any(cache.iterdir())
@@ -141,7 +151,7 @@ def test_every_loss_trains(loss, tiny_dir, data_files, tmp_path, monkeypatch):
         from safetensors.torch import load_file
 
         (f,) = cache.glob("*.safetensors")
-        assert set(load_file(str(f))) == {"ref_logps", "ref_prefix_logps"}
+        assert set(load_file(str(f))) == {"ref_logps", "ref_subset_logps"}
     else:
         assert saved["ld_alpha"] is None and saved["wpo"] is False
 
@@ -180,9 +190,13 @@ def test_modifier_validation():
             config.from_dict({"loss": {"name": "kto", key: value}})
     with pytest.raises(PrefoptError, match="'loss.ld_alpha' must be in"):
         config.from_dict({"loss": {"name": "sigmoid", "ld_alpha": 1.5}})
-    for name in losses.names(paired=True):  # a modifier, valid for every paired loss
-        cfg = config.from_dict({"loss": {"name": name, "ld_alpha": 0.3}})
-        assert cfg.loss.ld_alpha == 0.3
+    for name in losses.names(paired=True):  # a modifier, valid for every paired loss ...
+        if losses.get(name).token_subset is None:
+            cfg = config.from_dict({"loss": {"name": name, "ld_alpha": 0.3}})
+            assert cfg.loss.ld_alpha == 0.3
+        else:  # ... except one that scores its own token subset (SamPO)
+            with pytest.raises(PrefoptError, match="'loss.ld_alpha' .* both choose the tokens the loss sees"):
+                config.from_dict({"loss": {"name": name, "ld_alpha": 0.3}})
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,7 +284,7 @@ def test_ld_alpha_one_is_plain_dpo(tiny_dir, data_files, setup, tmp_path):
         loss = {"name": "sigmoid"} if ld is None else {"name": "sigmoid", "ld_alpha": ld}
         cfg = make_cfg(tiny_dir, data_files["paired"], tmp_path / name, loss)
         trainer, batch = trainer_for(cfg, setup, tmp_path)
-        assert ("score_prefix" in batch) == (ld is not None)
+        assert ("score_subset" in batch) == (ld is not None)
         with torch.no_grad():
             results[name] = trainer.compute_loss(setup[2], batch)
     torch.testing.assert_close(results["one"], results["plain"], atol=1e-6, rtol=1e-6)

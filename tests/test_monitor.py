@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from transformers import TrainerControl
 
-from prefopt import config
+from prefopt import config, losses
 from prefopt.errors import PrefoptError
 from prefopt.recipes.train import train
-from prefopt.training.monitor import FailureMonitor
+from prefopt.training.monitor import REMEDY_DOCS, FailureMonitor
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def feed(rows, **kw):
@@ -66,6 +70,51 @@ def test_non_finite_stops(key):
     rows = [pair_row(0.1, -0.1), pair_row(0.1, -0.1, **{key: float("nan")}), pair_row(0.1, -0.1)]
     mon, control = feed(rows)
     assert mon.nonfinite_step == 2 and control.should_training_stop and "non-finite" in mon.warned
+
+
+WARNINGS = {  # failure mode -> (metrics that provoke it, the remedies its text must name)
+    "suppression": ([pair_row(-0.1 * k, -0.3 * k) for k in range(1, 8)], ["dpop", "rpo"]),
+    "length": (
+        [pair_row(0.1 * k, -0.1 * k, **{"rewards/length_corr": 0.9}) for k in range(1, 8)],
+        ["sampo", "ld_alpha", "simpo"],
+    ),
+    "over-optimising": ([pair_row(0.5 * k * k, -0.5 * k * k) for k in range(1, 8)], ["ipo", "beta"]),
+}
+
+
+def anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings of `markdown` (lower case, punctuation dropped, spaces
+    to hyphens) and explicit <a id="..."> anchors."""
+    found = set(re.findall(r'<a (?:id|name)="([^"]+)"', markdown))
+    for heading in re.findall(r"^#+ (.+)$", markdown, flags=re.M):
+        found.add(re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-"))
+    return found
+
+
+@pytest.mark.parametrize("kind", sorted(WARNINGS))
+def test_each_warning_names_its_remedies_and_links_to_them(kind, caplog):
+    rows, remedies = WARNINGS[kind]
+    with caplog.at_level(logging.WARNING, logger="prefopt"):
+        mon, _ = feed(rows)
+    assert set(mon.warned) == {kind}
+    for remedy in remedies:
+        assert re.search(rf"loss\.(name )?{remedy}\b", caplog.text), remedy
+        if remedy in REMEDY_DOCS:
+            assert REMEDY_DOCS[remedy] in caplog.text
+        if remedy in losses.REGISTRY or remedy in losses.ALIASES:
+            assert f"loss.name {remedy}" in caplog.text
+
+
+def test_remedy_links_point_at_existing_sections():
+    for remedy, link in REMEDY_DOCS.items():
+        page, anchor = link.split("#")
+        assert anchor in anchors((ROOT / page).read_text()), (remedy, link)
+        assert remedy in losses.REGISTRY or remedy == "ld_alpha"
+
+
+def test_anchor_reader_can_fail():
+    assert anchors('## LD-DPO (length desensitised)\n<a id="x"></a>') == {"ld-dpo-length-desensitised", "x"}
+    assert "dpop" not in anchors("## DPO\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from prefopt import config
 from prefopt.recipes.train import train
 from prefopt.training import checkpoints
+from prefopt.training.trainer import REFERENCE_FILE
 
 # Runs prefopt's CLI; DIE_AT_SAVE_STEP kills the process in the middle of writing that step's
 # checkpoint (model and optimizer written, RNG state and trainer_state.json not yet);
@@ -309,3 +310,22 @@ def test_resume_restores_the_running_state_of_a_stateful_loss(setup):
     assert summary["resumed_from"].endswith("checkpoint-4")
     resumed = load_file(str(out / "model.safetensors"))
     assert max((uninterrupted[k] - resumed[k]).abs().max().item() for k in resumed) <= 1e-6
+
+
+def test_tr_dpo_killed_then_resumed_equals_uninterrupted(setup):
+    """TR-DPO's moving reference (updated every 3 steps) is saved with each checkpoint: killed while
+    writing checkpoint-6 and resumed from checkpoint-4 (the reference moved at step 3), the run
+    ends with the uninterrupted run's weights and reference."""
+    tmp_path, raw, runner = setup
+    raw["loss"] = {"name": "tr_dpo", "tr_tau": 3, "tr_alpha": 0.5}
+    ref_out = tmp_path / "tr-uninterrupted"
+    train(config.load(str(write_config(tmp_path, raw, ref_out)), []))
+    out = tmp_path / "tr-killed"
+    cfg = write_config(tmp_path, raw, out)
+    assert launch(runner, cfg, resume=False, env={"DIE_AT_SAVE_STEP": "6"}).wait(120) == -signal.SIGKILL
+    assert checkpoints.latest(out) == out / "checkpoint-4"
+    assert (out / "checkpoint-4" / REFERENCE_FILE).is_file()
+    assert launch(runner, cfg, resume=True).wait(120) == 0
+    assert max_abs_diff(ref_out / "model.safetensors", out / "model.safetensors") <= 1e-6
+    for name in ("checkpoint-10", "checkpoint-12"):
+        assert max_abs_diff(ref_out / name / REFERENCE_FILE, out / name / REFERENCE_FILE) <= 1e-6

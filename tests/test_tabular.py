@@ -15,11 +15,14 @@ times instead of weighting.
 
 Closed forms checked (derivations in docs/losses.md):
   DPO / sigmoid_norm / rDPO(clean)   π* ∝ π_ref·exp(r/β)
+  (also SamPO, TR-DPO's loss, β-DPO with ρ = 1: the same π* here)
+  AlphaPO (γ = 0)                    β·(1 − π^(−α))/α = r(y) + c
   reference-free DPO                 π ∝ exp(r/β)
   IPO (μ any full-support dist.)     π ∝ π_ref·exp(p(y≻μ)/β),  p(y≻μ) = Σ_y′ μ(y′)P(y≻y′), P(y≻y) = ½
   f-DPO                              β·f′(π/π_ref)(y) = r(y) + c, c fixed by normalisation
   SFT on chosen                      π = the marginal of the chosen responses
-Run with `pytest -s` to print the summary table.
+The remedies (DPOP, Cal-DPO, SamPO, β-DPO's running β, TR-DPO's moving reference) have their own
+problems in test_tabular_remedies.py. Run with `pytest -s` to print the summary table.
 """
 
 from __future__ import annotations
@@ -184,6 +187,8 @@ def tab_kwargs(spec):
         kw["gamma"] = 0.5 * BETA
     if spec.name == "ipo":
         kw["ipo_normalize"] = False
+    if spec.name == "beta_dpo":
+        kw["beta_dpo_rho"] = 1.0  # ρ < 1 draws pairs at random
     return kw
 
 
@@ -196,7 +201,10 @@ def fmt(pi):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["sigmoid", "sigmoid_norm", "robust", "rpo"])
+# sampo: on single tokens every subset is the whole response; tr_dpo: the loss against a fixed
+# reference (its moving reference: test_tabular_remedies.py); beta_dpo with ρ = 1 and the batch's
+# own mean as M0: β_b = β0
+@pytest.mark.parametrize("name", ["sigmoid", "sigmoid_norm", "robust", "rpo", "sampo", "tr_dpo", "beta_dpo"])
 def test_dpo_reaches_closed_form(name):
     spec = losses.get(name)
     kw = tab_kwargs(spec)
@@ -204,7 +212,9 @@ def test_dpo_reaches_closed_form(name):
         kw["rpo_alpha"] = 0.0  # RPO with α = 0 is DPO; α > 0 is tested for direction below
     pi = lbfgs(paired_population(spec, **kw))
     d = kl(PI_STAR, pi)
-    if name != "rpo":
+    if name in ("sampo", "tr_dpo", "beta_dpo"):
+        ROWS.append((name, f"{d:.1e}", "reaches π*_DPO (single tokens; fixed reference; ρ = 1, no state)"))
+    elif name != "rpo":
         ROWS.append((name, f"{d:.1e}", f"reaches π*_DPO {fmt(pi)}"))
     assert d < 1e-3, (name, d)
     assert d < 1e-9  # in fact to round-off
@@ -281,6 +291,40 @@ def test_f_dpo_reaches_closed_form(divergence, alpha):
     assert d < 1e-9, d
 
 
+def alphapo_optimum(alpha, beta=BETA):
+    """π with β·r_α(π(y)) = r(y) + c, r_α(p) = (1 − p^(−α))/α (single tokens: |y| = 1), c fixed by
+    Σ π = 1 (bisection): π(y) = (1 − α·(r(y) + c)/β)^(−1/α); α = 0: π ∝ exp(r/β)."""
+    if alpha == 0:
+        return torch.softmax(REW / beta, 0)
+
+    def pi(c):
+        return [(1 - alpha * (R[i] + c) / beta) ** (-1.0 / alpha) for i in range(K)]
+
+    lo, hi = -max(R) - 1.0, -max(R)  # c ≤ −max r keeps every π ≤ 1; at c = −max r, Σ π > 1
+    while sum(pi(lo)) > 1:
+        lo -= 2 * (hi - lo)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if sum(pi(mid)) < 1 else (lo, mid)
+    return t(pi(0.5 * (lo + hi)))
+
+
+@pytest.mark.parametrize("alpha", [0.25, 1.0, 0.0])
+def test_alphapo_reaches_closed_form(alpha):
+    """Reference-free, single tokens, γ = 0: the pair loss is smallest where
+    β·(r_α(π(y)) − r_α(π(y′))) = logit P(y≻y′) = r(y) − r(y′) for every pair, reachable for α ≥ 0
+    (r_α spans (−∞, 0]); so β·r_α(π(y)) = r(y) + c. α = 0 is SimPO's (and reference-free DPO's)
+    softmax(r/β)."""
+    target = alphapo_optimum(alpha)
+    assert abs(float(target.sum()) - 1) < 1e-12
+    pi = lbfgs(paired_population(losses.get("alphapo"), beta=BETA, gamma=0.0, alphapo_alpha=alpha))
+    d = kl(target, pi)
+    ROWS.append(
+        (f"alphapo α={alpha:g}, γ=0", f"{kl(PI_STAR, pi):.3f}", f"reaches β·r_α(π) = r + c, KL {d:.1e}; {fmt(pi)}")
+    )
+    assert d < 1e-9, d
+
+
 # --------------------------------------------------------------------------------------------
 # label noise: rDPO is unbiased, DPO and cDPO are not
 # --------------------------------------------------------------------------------------------
@@ -339,10 +383,15 @@ def test_unanimous_dpo_diverges_ipo_settles():
 # --------------------------------------------------------------------------------------------
 
 BATCH_COUPLED = {"aot", "aot_pair", "bco_pair", "mpo"}
-CLOSED_FORM = {"sigmoid", "sigmoid_norm", "robust", "ipo", "sigmoid_ref_free"}
+CLOSED_FORM = {"sigmoid", "sigmoid_norm", "robust", "ipo", "sigmoid_ref_free", "sampo", "tr_dpo", "beta_dpo", "alphapo"}
 # from π_ref, gradient-based minimisation of these does not move mass to the best response:
 COLLAPSE_ON_MOST_CHOSEN = {"aot_pair", "apo_down"}
-DIRECTION = sorted(set(losses.names(paired=True)) - CLOSED_FORM - COLLAPSE_ON_MOST_CHOSEN - {"discopop"})
+# DPOP with its default λ = 50 stays at π_ref here (every response is chosen in some pairs):
+# test_tabular_remedies.py
+STAYS_AT_REFERENCE = {"dpop"}
+DIRECTION = sorted(
+    set(losses.names(paired=True)) - CLOSED_FORM - COLLAPSE_ON_MOST_CHOSEN - STAYS_AT_REFERENCE - {"discopop"}
+)
 
 
 def _population(name):

@@ -143,11 +143,23 @@ class LossConfig:
     wpo_clamp: Optional[float] = _key(1.0, "WPO weights capped at this (null: uncapped, as in TRL)")
     rpo_alpha: Optional[float] = _key(None, "RPO: weight of the NLL of chosen responses added to the loss")
     discopop_tau: Optional[float] = _key(None, "DiscoPOP temperature τ")
+    dpop_lambda: Optional[float] = _key(None, "DPO-Positive λ: penalty once chosen falls below the reference")
+    beta_dpo_alpha: Optional[float] = _key(None, "β-DPO α: how far each batch's β follows its mean margin")
+    beta_dpo_rho: Optional[float] = _key(None, "β-DPO ρ, in (0, 1]: the fraction of each batch's pairs kept")
+    tr_alpha: Optional[float] = _key(None, "TR-DPO α, in (0, 1]: the policy's weight in each reference update")
+    tr_tau: Optional[int] = _key(None, "TR-DPO τ: optimizer steps between reference updates")
+    alphapo_alpha: Optional[float] = _key(
+        None, "AlphaPO α: the reward's shape, 0 = SimPO (TRL CPOConfig's alpha; loss.alpha is CPO's)"
+    )
 
 
 @dataclass
 class ReferenceConfig:
-    precompute: bool = _key(True, "compute reference log-probs once before training, cached on disk")
+    precompute: Optional[bool] = _key(
+        None,
+        "compute reference log-probs once before training, cached on disk; null: true, except for a loss "
+        "whose reference moves during training (tr_dpo)",
+    )
     cache_dir: Optional[str] = _key(None, "where they are cached; null: the prefopt cache folder")
 
 
@@ -331,6 +343,8 @@ def from_dict(raw: dict, source: str = "config") -> Config:
             continue
         if not isinstance(values, dict):
             raise PrefoptError(f"{source}: section '{section}' must be a mapping of keys, found {show(values)}.")
+        if section == "loss":
+            values = _trl_sync(values, source)
         set_keys(getattr(cfg, section), values, source, section)
     complete(cfg, source)
     return cfg
@@ -386,7 +400,12 @@ ALIASES: dict[str, dict[str, str]] = {
         "lora_modules_to_save": "modules_to_save",  # TRL's ModelConfig name of peft's modules_to_save
     },
     "data": {"dataset_name": "train", "dataset_train_split": "split", "dataset_test_split": "eval_split"},
-    "loss": {"loss_type": "name", "use_weighting": "wpo"},
+    "loss": {
+        "loss_type": "name",
+        "use_weighting": "wpo",
+        "ref_model_mixup_alpha": "tr_alpha",  # TR-DPO (sync_ref_model: true is loss.name: tr_dpo, see _trl_sync)
+        "ref_model_sync_steps": "tr_tau",
+    },
     "reference": {"precompute_ref_log_probs": "precompute"},
     "train": {
         "learning_rate": "lr",
@@ -452,9 +471,7 @@ _TRL_NAMES = {
     "model_init_kwargs": "TRL's; prefopt's are model.dtype, model.attn_implementation, model.revision and "
     "model.trust_remote_code",
     "reference_free": "TRL's (before 1.0); choose a reference-free loss: loss.name: sigmoid_ref_free, simpo, ...",
-    "sync_ref_model": "TRL's TR-DPO reference sync, which prefopt does not have",
-    "ref_model_mixup_alpha": "TRL's TR-DPO reference sync, which prefopt does not have",
-    "ref_model_sync_steps": "TRL's TR-DPO reference sync, which prefopt does not have",
+    "sync_ref_model": "TRL's TR-DPO switch, a key of loss: (sync_ref_model: true is loss.name: tr_dpo)",
     "lora_task_type": "TRL's; prefopt trains causal LMs (CAUSAL_LM)",
     "evaluation_strategy": "transformers' old name of eval_strategy; set train.eval_steps",
     "overwrite_output_dir": "transformers' old option; use `prefopt train CONFIG --overwrite`",
@@ -471,6 +488,39 @@ _TRL_NAMES = {
         "a TRL DPOConfig option that prefopt does not have",
     ),
 }
+SYNC_REF_MODEL = "sync_ref_model"  # TRL DPOConfig's TR-DPO switch; prefopt's TR-DPO is the loss tr_dpo
+
+
+def _trl_sync(values: dict, source: str) -> dict:
+    """The loss section `values` with TRL's `sync_ref_model` read: true makes DPO (sigmoid, TRL's
+    default loss_type) TR-DPO, loss.name tr_dpo (DPO with a moving reference); false, TRL's
+    default, changes nothing. A PrefoptError for a value that is not true or false, for true with
+    another loss, and for false with tr_dpo."""
+    if SYNC_REF_MODEL not in values:
+        return values
+    values = dict(values)
+    sync = values.pop(SYNC_REF_MODEL)
+    name_key = next((k for k in ("name", "loss_type") if k in values), "name")
+    name = values.get(name_key, LossConfig.name)
+    loss = losses.ALIASES.get(name, name) if isinstance(name, str) else name
+    if not isinstance(sync, bool):
+        raise PrefoptError(f"{source}: 'loss.{SYNC_REF_MODEL}' must be true or false, found {show(sync)}.")
+    if not sync and loss == "tr_dpo":
+        raise PrefoptError(
+            f"{source}: 'loss.{SYNC_REF_MODEL}' is false, but loss.name is tr_dpo, whose reference moves; give one."
+        )
+    if sync and loss not in ("sigmoid", "tr_dpo"):
+        raise PrefoptError(
+            f"{source}: 'loss.{SYNC_REF_MODEL}' is true (TRL's TR-DPO), but loss.name is {show(name)}: prefopt's "
+            "moving reference is the loss tr_dpo, DPO's sigmoid loss with the reference moved every loss.tr_tau "
+            "steps (TRL's ref_model_sync_steps) by loss.tr_alpha (ref_model_mixup_alpha); set loss.name: tr_dpo, "
+            f"or remove {SYNC_REF_MODEL}."
+        )
+    if sync:
+        values[name_key] = "tr_dpo"
+    return values
+
+
 # notes added to a wrong value given under an alias: alias -> note
 _ALIAS_NOTES = {"loss_type": "several losses: loss.name: combine with loss.weights, e.g. {sigmoid: 0.8, sft: 1.0}"}
 
@@ -747,7 +797,19 @@ def complete(cfg: Config, source: str = "config") -> None:
     for key, default in spec.hyperparameters.items():
         if getattr(loss, key) is None:
             setattr(loss, key, default)
+    if cfg.reference.precompute is None:  # left unset: precomputed, unless the reference moves
+        cfg.reference.precompute = not spec.moving_reference
     validate(cfg, source)
+
+
+def moving_reference_precompute_error(loss_name: str, key: str, remedy: str) -> str:
+    """The message for precomputed reference log-probs (`key`) asked for with loss `loss_name`,
+    whose reference moves during training; `remedy` says what to write instead."""
+    return (
+        f"{key} is true, but loss '{loss_name}' moves its reference during training (every tr_tau optimizer "
+        "steps the reference's weights move towards the policy's), so reference log-probs cannot be computed "
+        f"before training; {remedy}."
+    )
 
 
 def _bad(source: str, key: str, msg: str):
@@ -771,6 +833,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     with another; `cfg` is not changed."""
     _check_finite(cfg, source)
     _validate_loss(cfg.loss, source)
+    _validate_reference(cfg, source)
     _validate_data(cfg.data, source)
     _validate_train(cfg.train, source)
     _validate_schedule(cfg.train, cfg.data, source)
@@ -827,6 +890,14 @@ def _validate_loss(loss: LossConfig, source: str) -> None:
     for key, on in (("ld_alpha", loss.ld_alpha is not None), ("wpo", loss.wpo)):
         if on and not spec.paired:
             _bad(source, f"loss.{key}", f"modifies paired losses; loss '{spec.name}' is unpaired.")
+    if loss.ld_alpha is not None and spec.token_subset is not None:
+        _bad(
+            source,
+            "loss.ld_alpha",
+            f"(LD-DPO's shared-length prefix) and loss '{spec.name}', which scores its own token subset "
+            f"({spec.token_subset}), both choose the tokens the loss sees; remove loss.ld_alpha or choose another "
+            "loss.",
+        )
     if loss.ld_alpha is not None and not 0 <= loss.ld_alpha <= 1:
         _bad(
             source, "loss.ld_alpha", f"must be in [0, 1] (1 = plain, no length desensitisation), found {loss.ld_alpha}."
@@ -842,8 +913,27 @@ def _validate_loss(loss: LossConfig, source: str) -> None:
         _bad(source, "loss.wpo_clamp", f"must be > 0 (or null: uncapped), found {loss.wpo_clamp}.")
     if loss.beta is not None and loss.beta <= 0:
         _bad(source, "loss.beta", f"must be > 0, found {loss.beta}.")
+    for key in ("tr_alpha", "beta_dpo_rho"):
+        if getattr(loss, key) is not None and not 0 < getattr(loss, key) <= 1:
+            _bad(source, f"loss.{key}", f"must be in (0, 1], found {getattr(loss, key)}.")
+    if loss.tr_tau is not None and loss.tr_tau < 1:
+        _bad(source, "loss.tr_tau", f"must be >= 1 (optimizer steps between reference updates), found {loss.tr_tau}.")
     if loss.label_smoothing is not None and not 0 <= loss.label_smoothing < 0.5:
         _bad(source, "loss.label_smoothing", f"must be in [0, 0.5), found {loss.label_smoothing}.")
+
+
+def _validate_reference(cfg: Config, source: str) -> None:
+    """reference.precompute not true for a loss whose reference moves (TR-DPO)."""
+    spec = resolve_loss(cfg.loss, source)
+    if spec.moving_reference and cfg.reference.precompute:
+        raise PrefoptError(
+            f"{source}: "
+            + moving_reference_precompute_error(
+                spec.name,
+                "'reference.precompute'",
+                "set reference.precompute: false, or leave it out (for this loss it defaults to false)",
+            )
+        )
 
 
 def _validate_data(data: DataConfig, source: str) -> None:
@@ -1298,8 +1388,9 @@ def describe(section: Optional[str] = None) -> str:
         "# prefopt config: every key with its default. A config names only the keys it changes.",
         "# `prefopt config SECTION` shows one section.",
         *_comment(
-            "From TRL: DPOConfig's beta, loss_type, label_smoothing, ld_alpha, discopop_tau and use_weighting are "
-            "keys of loss:, max_length and max_prompt_length of data:, precompute_ref_log_probs of reference:, "
+            "From TRL: DPOConfig's beta, loss_type, label_smoothing, ld_alpha, discopop_tau, use_weighting, "
+            "ref_model_mixup_alpha and ref_model_sync_steps are keys of loss: (sync_ref_model: true is "
+            "loss.name: tr_dpo), max_length and max_prompt_length of data:, precompute_ref_log_probs of reference:, "
             "the TrainingArguments of train:, ModelConfig's lora_* and peft's options of lora:."
         ),
     ]
@@ -1324,6 +1415,8 @@ def _names_note(section: str) -> str:
     if ALIASES.get(section):
         names = ", ".join(f"{alias}\0(=\0{key})" for alias, key in ALIASES[section].items())
         parts.append(f"Also accepted, TRL/transformers/peft names: {names}.")
+    if section == "loss":
+        parts.append(f"TRL's {SYNC_REF_MODEL}: true is loss.name: tr_dpo.")
     if section in PASSTHROUGH:
         fields = _passthrough_fields(section)
         names = ", ".join(n for n in passthrough_names(section) if _yaml_gives(fields[n]))

@@ -25,17 +25,20 @@ caller takes the mean. Use them in your own loop:
 
 The registry (`REGISTRY`, `get`, `names`) holds one `LossSpec` per loss with every trait the
 rest of prefopt reads: whether it needs a reference model, pairs or unpaired labels, a state kept
-by the caller, KTO's mismatched completions, whether its per-example losses belong to pairs, its
-hyperparameters and the form of its implicit reward (`implicit_rewards`). So the trainer loads a
-reference only when needed and refuses data of the wrong shape. docs/losses.md has the formulas,
-the hyperparameter ranges and a rule of thumb for choosing; docs/contributing.md shows how to add
-a loss.
+by the caller (`state_class`), KTO's mismatched completions, whether its per-example losses belong
+to pairs, the tokens its sums cover (`token_subset`, SamPO), a reference that moves during training
+(`moving_reference`, TR-DPO), its hyperparameters and the form of its implicit reward
+(`implicit_rewards`). So the trainer loads a reference only when needed and refuses data of the
+wrong shape. docs/losses.md has the formulas, the hyperparameter ranges and a rule of thumb for
+choosing; docs/contributing.md shows how to add a loss.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Union
 
@@ -124,11 +127,45 @@ def f_log_ratio(logp: Tensor, ref_logp: Tensor, divergence: str = "reverse_kl", 
     raise ValueError(f"unknown f_divergence '{divergence}'; known: {', '.join(F_DIVERGENCES)}")
 
 
-class BCOState:
+class LossState:
+    """What a stateful loss keeps across steps: one object per training run, kept by the caller and
+    handed to the loss as `state=` (`LossSpec.state_class` says which class).
+
+    `update(x)` folds one batch's detached values in; `to_dict()` / `load_dict(d)` save and
+    restore it (JSON-able, for checkpoints); `copy()` is an independent copy (e.g. for evaluation,
+    which should not advance the running state). `gather`, when set, is applied to x first by
+    `update`: under data parallelism set it to a function that gathers x from every process
+    (accelerate's `gather`), so that every process keeps the same state.
+    """
+
+    gather: Optional[Callable[[Tensor], Tensor]] = None
+
+    def _batch(self, x: Tensor) -> Tensor:
+        """x detached, gathered (when `gather` is set), flattened, in float64."""
+        x = x.detach()
+        if self.gather is not None:
+            x = self.gather(x.contiguous())
+        return x.reshape(-1).double()
+
+    def update(self, x: Tensor):
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_dict(self, d: dict) -> None:
+        raise NotImplementedError
+
+    def copy(self) -> "LossState":
+        """An independent copy (the same values and `gather`)."""
+        return copy.copy(self)
+
+
+class BCOState(LossState):
     """Running mean δ of the implicit rewards β·Δ seen so far (BCO's reward shift).
 
     `update(rewards)` folds a batch in (count-weighted, detached) and returns the new mean. One
-    state per training run; under data parallelism give it the rewards gathered from all ranks.
+    state per training run; under data parallelism set `gather` (see `LossState`).
     """
 
     def __init__(self, mean: float = 0.0, count: int = 0):
@@ -138,7 +175,7 @@ class BCOState:
     def update(self, rewards: Tensor) -> float:
         """Fold the (detached) `rewards` of one batch into the running mean, weighted by their
         count, and return the new mean δ. An empty tensor leaves the state as it was."""
-        r = rewards.detach().reshape(-1).double()
+        r = self._batch(rewards)
         n = r.numel()
         if n:
             total = self.count + n
@@ -146,8 +183,64 @@ class BCOState:
             self.count = total
         return self.mean
 
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "count": self.count}
+
+    def load_dict(self, d: dict) -> None:
+        self.mean, self.count = float(d["mean"]), int(d["count"])
+
     def __repr__(self) -> str:
         return f"BCOState(mean={self.mean:.6g}, count={self.count})"
+
+
+class BetaDPOState(LossState):
+    """β-DPO's running statistics of the pairs' margins M_i = h_i (Wu et al. 2024; see `beta_dpo`):
+    the threshold M0 (`mean`) and the spread σ (`std`), exponential moving averages over batches
+    with momentum m (the paper's m = 0.9):
+
+        M0 ← m·M0 + (1−m)·mean_batch(M),   σ ← m·σ + (1−m)·std_batch(M)
+
+    The first batch sets them (the authors' code starts both at 0 instead); σ is left out by a batch
+    of one pair (std undefined) and stays None until a batch of two or more has been seen.
+    `update(margins)` folds a batch in (detached; gathered when `gather` is set) and returns M0.
+    """
+
+    def __init__(self, mean: float = 0.0, std: Optional[float] = None, count: int = 0, momentum: float = 0.9):
+        if not 0 <= momentum < 1:
+            raise ValueError(f"BetaDPOState: momentum must be in [0, 1), found {momentum}")
+        self.mean = float(mean)
+        self.std = None if std is None else float(std)
+        self.count = int(count)  # batches folded in
+        self.momentum = float(momentum)
+
+    def update(self, margins: Tensor) -> float:
+        """Fold one batch of margins in and return the new threshold M0. An empty tensor leaves
+        the state as it was."""
+        x = self._batch(margins)
+        n = x.numel()
+        if not n:
+            return self.mean
+        m = self.momentum
+        batch_mean = x.mean().item()
+        self.mean = batch_mean if self.count == 0 else m * self.mean + (1 - m) * batch_mean
+        if n >= 2:
+            batch_std = x.std().item()
+            self.std = batch_std if self.std is None else m * self.std + (1 - m) * batch_std
+        self.count += 1
+        return self.mean
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "count": self.count, "momentum": self.momentum}
+
+    def load_dict(self, d: dict) -> None:
+        self.mean = float(d["mean"])
+        self.std = None if d.get("std") is None else float(d["std"])
+        self.count = int(d["count"])
+        self.momentum = float(d.get("momentum", self.momentum))
+
+    def __repr__(self) -> str:
+        std = "None" if self.std is None else f"{self.std:.6g}"
+        return f"BetaDPOState(mean={self.mean:.6g}, std={std}, count={self.count}, momentum={self.momentum:g})"
 
 
 def _reward_shift(rewards: Tensor, state: Optional[BCOState]) -> Union[Tensor, float]:
@@ -435,6 +528,195 @@ def sigmoid_norm(
     return -F.logsigmoid(beta * (d_c / n_c - d_r / n_r))
 
 
+def dpop(
+    logp_c,
+    logp_r,
+    ref_logp_c=None,
+    ref_logp_r=None,
+    *,
+    len_c=None,
+    len_r=None,
+    beta: float = 0.1,
+    dpop_lambda: float = 50.0,
+) -> Tensor:
+    """DPO-Positive (Pal et al. 2024, "Smaug: Fixing Failure Modes of Preference Optimisation with
+    DPO-Positive", §4 eq. 3): DPO with a penalty once the chosen response becomes less likely than
+    under the reference,
+
+        L = −log σ(β·(h − λ·max(0, ref_logp_c − logp_c))),   λ = dpop_lambda
+
+    λ = 0 is DPO. The paper's experiments use λ = 50 (5 and 500 gave similar results) with β = 0.3.
+    """
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "dpop")
+    return -F.logsigmoid(beta * (d_c - d_r - dpop_lambda * torch.relu(-d_c)))
+
+
+def cal_dpo(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None, beta: float = 0.1) -> Tensor:
+    """Cal-DPO (Xiao et al. 2024, "Cal-DPO: Calibrated Direct Preference Optimization for Language
+    Model Alignment", NeurIPS; its Cal-DPO objective): a Bradley–Terry term on the log-ratios
+    plus a calibration that pulls the chosen log-ratio to 1/(2β) and the rejected one to −1/(2β),
+
+        L = −log σ(Δ_c − Δ_r) + (Δ_c − 1/(2β))² + (Δ_r + 1/(2β))²
+
+    β does not multiply the margin inside σ (as in the authors' code, their `shift` = ½): it only
+    sets the calibration targets ±1/(2β), i.e. implicit rewards β·Δ → ±½.
+    """
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "cal_dpo")
+    c = 0.5 / beta
+    return -F.logsigmoid(d_c - d_r) + (d_c - c) ** 2 + (d_r + c) ** 2
+
+
+def sampo(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None, beta: float = 0.1) -> Tensor:
+    """SamPO (Lu et al. 2024, "Eliminating Biased Length Reliance of Direct Preference Optimization
+    via Down-Sampled KL Divergence", EMNLP; its down-sampled DPO objective): DPO on log-ratios
+    summed over the same number of tokens in both responses,
+
+        T_m = min(T_c, T_r);  S_c, S_r = T_m token positions of each response drawn uniformly
+        without replacement (the shorter response keeps all of its tokens)
+        Δ_c^S = Σ_{t∈S_c} (log π_θ − log π_ref)(y_c,t | x, y_c,<t),  Δ_r^S likewise
+        L = −log σ(β·(Δ_c^S − Δ_r^S))
+
+    This function receives the subset sums: logp_c, logp_r, ref_logp_c, ref_logp_r are Σ over S_c /
+    S_r of the per-token log-probs (the caller draws S with `sampo_positions`; the spec's
+    `token_subset` is "sample"), and len_c / len_r, unused here, are the full token counts. Given
+    whole-response sums it is plain DPO.
+    """
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "sampo")
+    return -F.logsigmoid(beta * (d_c - d_r))
+
+
+def sampo_positions(n_c: int, n_r: int, seed: int) -> tuple[list[int], list[int]]:
+    """SamPO's token subsets of one pair: the sorted positions (0-based, within each response) of
+    the T_m = min(n_c, n_r) tokens kept of the chosen and of the rejected response. The shorter
+    response keeps all its positions; T_m positions of the longer one are drawn uniformly without
+    replacement with `random.Random(seed)` (the same seed gives the same subsets)."""
+    if n_c < 0 or n_r < 0:
+        raise ValueError(f"sampo_positions: token counts must be >= 0, found {n_c}, {n_r}")
+    t_m = min(n_c, n_r)
+    rng = random.Random(seed)
+
+    def keep(n: int) -> list[int]:
+        return list(range(n)) if n == t_m else sorted(rng.sample(range(n), t_m))
+
+    return keep(n_c), keep(n_r)
+
+
+def _beta_dpo_keep(m: Tensor, m0, sigma: Optional[float], rho: float) -> Tensor:
+    """β-DPO's filter: a bool mask keeping k = max(1, ⌊ρ·B⌋) of the B pairs, drawn without
+    replacement with probability ∝ exp(−(M_i − M0)²/(2σ²)) (torch's global RNG; uniform when σ is
+    missing or 0)."""
+    n = m.numel()
+    k = max(1, math.floor(rho * n + 1e-9))
+    keep = torch.ones(n, dtype=torch.bool, device=m.device)
+    if k >= n:
+        return keep
+    x = m.double()
+    if sigma is None or not sigma > 0 or not math.isfinite(sigma):
+        weights = torch.ones_like(x)
+    else:
+        z = -0.5 * ((x - float(m0)) / sigma) ** 2
+        weights = torch.exp(z - z.max()).clamp(min=1e-300)  # every pair stays drawable
+    keep.zero_()
+    keep[torch.multinomial(weights, k, replacement=False)] = True
+    return keep
+
+
+def beta_dpo(
+    logp_c,
+    logp_r,
+    ref_logp_c=None,
+    ref_logp_r=None,
+    *,
+    len_c=None,
+    len_r=None,
+    beta: float = 0.1,
+    beta_dpo_alpha: float = 0.6,
+    beta_dpo_rho: float = 0.8,
+    state: Optional[BetaDPOState] = None,
+) -> Tensor:
+    """β-DPO (Wu et al. 2024, "β-DPO: Direct Preference Optimization with Dynamic β", NeurIPS):
+    DPO with a β calibrated per batch and a β-guided filter of outlier pairs. With the pairs'
+    margins M_i = h_i (detached) and, from `state` (a BetaDPOState, updated with this batch
+    first), the running threshold M0 and spread σ:
+
+        keep k = max(1, ⌊ρ·B⌋) of the B pairs, drawn without replacement with
+            p_i ∝ exp(−(M_i − M0)²/(2σ²))                                   (ρ = beta_dpo_rho)
+        β_b = max(1e-3, β0·(1 + α·(mean_kept(M) − M0)))                      (α = beta_dpo_alpha)
+        L_i = (B/k)·(−log σ(β_b·h_i)) if pair i is kept, else 0
+
+    so the batch mean of L is the mean over the kept pairs. Without a state, M0 and σ are this
+    batch's mean and standard deviation. β_b is detached. The draw uses torch's global RNG
+    (torch.multinomial): a seeded run is reproducible; ρ = 1 keeps every pair (deterministic),
+    and then with state=None β_b = β0, plain DPO. M_i is the log-ratio margin h_i, as in the
+    authors' code (the paper writes it as the implicit-reward margin β0·h_i; α absorbs the factor,
+    and the paper's α values are those of the code). Defaults: α = 0.6, ρ = 0.8 (filtering ratio
+    0.2), the authors' example; momentum m = 0.9 lives in the state.
+    """
+    if not 0 < beta_dpo_rho <= 1:
+        raise ValueError(f"beta_dpo: beta_dpo_rho (the fraction of pairs kept) must be in (0, 1], found {beta_dpo_rho}")
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "beta_dpo")
+    h = d_c - d_r
+    m = h.detach()
+    if state is None:
+        m0 = m.mean()
+        sigma = m.std().item() if m.numel() >= 2 else None
+    else:
+        m0 = state.update(m)
+        sigma = state.std
+    keep = _beta_dpo_keep(m, m0, sigma, beta_dpo_rho)
+    k = int(keep.sum())
+    beta_b = (beta * (1 + beta_dpo_alpha * (m[keep].mean() - m0))).clamp(min=1e-3)
+    scale = keep.to(h.dtype) * (m.numel() / k)
+    return -F.logsigmoid(beta_b * h) * scale
+
+
+def tr_dpo(
+    logp_c,
+    logp_r,
+    ref_logp_c=None,
+    ref_logp_r=None,
+    *,
+    len_c=None,
+    len_r=None,
+    beta: float = 0.1,
+    tr_alpha: float = 0.6,
+    tr_tau: int = 512,
+) -> Tensor:
+    """TR-DPO (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment"): DPO
+    against a reference that moves towards the policy during training (soft and hard updates),
+
+        L = −log σ(β·h),   h computed with the current π_ref
+        every τ optimizer steps:  θ_ref ← α·θ + (1−α)·θ_ref   (in parameter space; α = 1: a hard copy)
+
+    α = tr_alpha ∈ (0, 1], τ = tr_tau ≥ 1 (an integer). This function is the loss (DPO) and checks
+    α and τ; the caller keeps the reference and updates it with `mix_reference` on every weight
+    (the spec's `moving_reference`), so reference log-probs cannot be precomputed. Defaults: TRL
+    1.16's (ref_model_mixup_alpha = 0.6, ref_model_sync_steps = 512).
+    """
+    if not 0 < tr_alpha <= 1:
+        raise ValueError(f"tr_dpo: tr_alpha must be in (0, 1], found {tr_alpha}")
+    if not (tr_tau >= 1 and float(tr_tau).is_integer()):
+        raise ValueError(f"tr_dpo: tr_tau must be an integer >= 1, found {tr_tau}")
+    d_c, d_r = _ratios(logp_c, logp_r, ref_logp_c, ref_logp_r, "tr_dpo")
+    return -F.logsigmoid(beta * (d_c - d_r))
+
+
+def mix_reference(ref: Tensor, policy: Tensor, alpha: float) -> Tensor:
+    """TR-DPO's reference update on one parameter tensor (Gorbatovski et al. 2024):
+
+        θ_ref ← α·θ + (1−α)·θ_ref,   α ∈ (0, 1]  (α = 1: a copy of the policy's)
+
+    Returns the new reference tensor (ref's dtype and device; no gradient); apply it to every
+    weight of the reference every tr_tau optimizer steps."""
+    if not 0 < alpha <= 1:
+        raise ValueError(f"mix_reference: alpha must be in (0, 1], found {alpha}")
+    with torch.no_grad():
+        p = policy.detach().to(dtype=ref.dtype, device=ref.device)
+        if alpha == 1:
+            return p.clone()
+        return alpha * p + (1 - alpha) * ref.detach()
+
+
 # --------------------------------------------------------------------------------------------
 # paired, reference-free
 # --------------------------------------------------------------------------------------------
@@ -469,6 +751,46 @@ def simpo(
     n_c = _need(len_c, "len_c (token counts)", "simpo")
     n_r = _need(len_r, "len_r (token counts)", "simpo")
     return -F.logsigmoid(beta * logp_c / n_c - beta * logp_r / n_r - gamma)
+
+
+def alphapo(
+    logp_c,
+    logp_r,
+    ref_logp_c=None,
+    ref_logp_r=None,
+    *,
+    len_c=None,
+    len_r=None,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+    alphapo_alpha: float = 0.25,
+) -> Tensor:
+    """AlphaPO (Gupta et al. 2025, "AlphaPO: Reward Shape Matters for LLM Alignment", ICML): SimPO
+    with a reshaped reward, the α-reward. With the per-token probability p(y) = π(y)^(1/|y|),
+
+        r_α(y) = (1 − p(y)^(−α))/α = (1 − exp(−α·logp/len))/α      (α = alphapo_alpha)
+        L = −log σ(β·(r_α(y_c) − r_α(y_r)) − γ)
+
+    γ is an absolute margin, as SimPO's here (TRL's CPOTrainer with `alpha`, loss_type "simpo",
+    subtracts simpo_gamma/β inside β·(…): the same). α = 0 is SimPO exactly (r = logp/len), and
+    α → 0 tends to it. The exponent is capped (`_alpha_reward`) so the loss stays finite. The
+    implicit reward logged for it is SimPO's, β/|y|·log π (r_α is a monotone function of it), not
+    β·r_α. The paper finds α > 0 reduces likelihood displacement; the default α = 0.25 is a value
+    in that range, not one read from the paper's per-model settings.
+    """
+    _need(len_c, "len_c (token counts)", "alphapo")
+    _need(len_r, "len_r (token counts)", "alphapo")
+    if alphapo_alpha == 0:
+        return simpo(logp_c, logp_r, len_c=len_c, len_r=len_r, beta=beta, gamma=gamma)
+    m_c, m_r = logp_c / len_c, logp_r / len_r
+    return -F.logsigmoid(beta * (_alpha_reward(m_c, alphapo_alpha) - _alpha_reward(m_r, alphapo_alpha)) - gamma)
+
+
+def _alpha_reward(m: Tensor, alpha: float) -> Tensor:
+    """(1 − exp(−α·m))/α = −expm1(−α·m)/α, the exponent capped at half its overflow value for m's
+    dtype (float64: 354, i.e. a mean token log-prob below −354/α), so β·r stays finite."""
+    cap = 0.5 * math.log(torch.finfo(m.dtype).max)
+    return -torch.expm1(torch.clamp(-alpha * m, max=cap)) / alpha
 
 
 def cpo(
@@ -718,12 +1040,26 @@ class LossSpec:
     paired: bool = True  # True: chosen/rejected pairs; False: unpaired good/bad labels
     # hyperparameter -> default, from fn's signature (a combined loss: the union of its parts')
     hyperparameters: dict = field(default_factory=dict, compare=False)
-    stateful: bool = False  # takes `state=` (a BCOState kept by the caller across steps)
+    # the class of the state it takes as `state=` (a LossState kept by the caller across steps:
+    # BCOState, BetaDPOState); None: stateless
+    state_class: Optional[type] = None
     kl_baseline: bool = False  # unpaired: needs mismatched completions for the KL estimate z0 (KTO)
     per_pair: bool = True  # False: its per-example losses are order statistics (AOT), not one per pair
     # the implicit reward is per token, β/|y|·(log π − log π_ref), rather than summed: True, False, or
     # the name of the boolean hyperparameter that decides (IPO's ipo_normalize)
     per_token_reward: Union[bool, str] = False
+    # the tokens its log-prob sums cover: None, the whole responses; "sample", SamPO's: T_m =
+    # min(len_c, len_r) positions of each response drawn by `sampo_positions` (the caller sums
+    # over them; len_c / len_r stay the full token counts)
+    token_subset: Optional[str] = None
+    # the reference moves during training (TR-DPO): the caller keeps a reference model and every
+    # tr_tau optimizer steps moves each of its weights with `mix_reference(ref, policy, tr_alpha)`
+    moving_reference: bool = False
+
+    @property
+    def stateful(self) -> bool:
+        """Whether it takes `state=` (a `state_class` object kept by the caller)."""
+        return self.state_class is not None
 
     def reward_is_per_token(self, hyper: Optional[dict] = None) -> bool:
         """Whether the implicit reward is per token under hyperparameters `hyper` (defaults if None)."""
@@ -780,7 +1116,7 @@ _SPECS = [
     _spec("hinge", hinge),
     _spec("exo_pair", exo_pair),
     _spec("nca_pair", nca_pair),
-    _spec("bco_pair", bco_pair, stateful=True),
+    _spec("bco_pair", bco_pair, state_class=BCOState),
     _spec("sppo_hard", sppo_hard),
     _spec("aot", aot, per_pair=False),
     _spec("aot_pair", aot_pair, per_pair=False),
@@ -788,14 +1124,20 @@ _SPECS = [
     _spec("apo_down", apo_down),
     _spec("discopop", discopop),
     _spec("sigmoid_norm", sigmoid_norm, per_token_reward=True),
+    _spec("dpop", dpop),
+    _spec("cal_dpo", cal_dpo),
+    _spec("sampo", sampo, token_subset="sample"),
+    _spec("beta_dpo", beta_dpo, state_class=BetaDPOState),
+    _spec("tr_dpo", tr_dpo, moving_reference=True),
     _spec("sigmoid_ref_free", sigmoid_ref_free, needs_reference=False),
     _spec("simpo", simpo, needs_reference=False, per_token_reward=True),
+    _spec("alphapo", alphapo, needs_reference=False, per_token_reward=True),
     _spec("cpo", cpo, needs_reference=False),
     _spec("orpo", orpo, needs_reference=False),
     _spec("sft", sft, needs_reference=False),
     _spec("rpo", rpo),
     _spec("kto", kto, paired=False, kl_baseline=True),
-    _spec("bco", bco, paired=False, stateful=True),
+    _spec("bco", bco, paired=False, state_class=BCOState),
     _spec("apo_zero_unpaired", apo_zero_unpaired, paired=False),
 ]
 
@@ -844,7 +1186,9 @@ def combine(parts: Iterable[tuple], name: Optional[str] = None) -> LossSpec:
 
     `parts` is [(name or LossSpec, weight), ...]. The result needs what any part needs; its
     hyperparameters are the union of the parts' (a shared name, e.g. beta, is shared; the first
-    part's default wins). `state` is handed to every stateful part.
+    part's default wins). `state` is handed to every stateful part; their state classes must be
+    the same, and so must the parts' token subsets (`token_subset`). The reference moves if any
+    part's does (TR-DPO).
     """
     specs = []
     for part, w in parts:
@@ -858,7 +1202,14 @@ def combine(parts: Iterable[tuple], name: Optional[str] = None) -> LossSpec:
     for spec, _ in specs:
         for k, v in spec.hyperparameters.items():
             hyper.setdefault(k, v)
-    stateful = any(s.stateful for s, _ in specs)
+    state_classes = {s.state_class for s, _ in specs if s.state_class is not None}
+    if len(state_classes) > 1:
+        names = ", ".join(f"{s.name} ({s.state_class.__name__})" for s, _ in specs if s.state_class is not None)
+        raise ValueError(f"combine: the stateful parts keep different states ({names}); one state is handed to all")
+    subsets = {s.token_subset for s, _ in specs}
+    if len(subsets) > 1:
+        names = ", ".join(f"{s.name} ({s.token_subset or 'whole responses'})" for s, _ in specs)
+        raise ValueError(f"combine: the parts score different token subsets ({names})")
 
     def fn(logp_c, logp_r, ref_logp_c=None, ref_logp_r=None, *, len_c=None, len_r=None, state=None, **kw):
         unknown = set(kw) - set(hyper)
@@ -881,8 +1232,10 @@ def combine(parts: Iterable[tuple], name: Optional[str] = None) -> LossSpec:
         needs_reference=any(s.needs_reference for s, _ in specs),
         paired=True,
         hyperparameters=hyper,
-        stateful=stateful,
+        state_class=next(iter(state_classes), None),
         per_pair=all(s.per_pair for s, _ in specs),
+        token_subset=next(iter(subsets)),
+        moving_reference=any(s.moving_reference for s, _ in specs),
     )
 
 

@@ -195,7 +195,7 @@ def _logps_of(trained, examples: list[dict], *, batch_size: int = 8, progress: b
     """(policy log-probs, reference log-probs, response lengths) of `examples`, each [N, K], with
     the run's collator layout and plain whole-response sums."""
     collator = make_collator(trained.cfg, trained.tokenizer)
-    collator.ld_prefix = False  # plain sums: the implicit reward is defined on whole responses
+    collator.subset = None  # plain sums: the implicit reward is defined on whole responses
     kw = dict(batch_size=batch_size, chunk=trained.cfg.train.lm_head_chunk, progress=progress)
     pol = sequence_table(trained.model, examples, collator, desc="policy log-probs", **kw)
     with _reference_model(trained) as ref_model:

@@ -22,7 +22,7 @@ from prefopt.experiments.experiment import Experiment, ExperimentConfig, as_dict
 log = logging.getLogger("prefopt")
 
 DEMO = dict(prompts="sentiment", reward="vader", loss="sigmoid", beta=0.1, lr=5e-4)  # the rest: the defaults
-NOT_SETTINGS = ("out", "progress", "grid", "rounds")  # where results go, or keys the demo does not use
+NOT_SETTINGS = ("out", "progress", "grid", "loss_options", "rounds")  # where results go, or keys the demo does not use
 QUICK = dict(train_prompts=16, eval_prompts=4, samples=2, eval_samples=2, max_new_tokens=8, batch_size=4)
 
 

@@ -15,7 +15,8 @@ iterations) are this loop with different settings. An experiment config (YAML):
     pairs: best_vs_worst            # best_vs_worst | rso (rejection sampling toward π_ref·exp(r/β))
     loss: sigmoid                   # for rounds; frontier uses grid
     beta: 0.1
-    grid: {sigmoid: [0.05, 0.1, 0.3], ipo: [0.25, 1.0], simpo: [2.5, 10.0], kto: [0.1, 0.3]}   # frontier: loss -> betas
+    grid: {sigmoid: [0.05, 0.1, 0.3], ipo: [0.25, 1.0], ...}   # frontier: loss -> betas (default: docs/frontier.csv's)
+    loss_options: {tr_dpo: {tr_tau: 5}}   # loss -> its other hyperparameters (loss: keys)
     rounds: 2                       # rounds: on-policy iterations
     lr: 4.0e-4
     epochs: 1.0
@@ -34,7 +35,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -84,8 +85,17 @@ class ExperimentConfig:
             "ipo": [0.25, 1.0],
             "simpo": [2.5, 10.0],
             "kto": [0.1, 0.3],
+            "dpop": [0.1],
+            "cal_dpo": [0.1],
+            "sampo": [0.1],
+            "beta_dpo": [0.1],
+            "tr_dpo": [0.1],
+            "alphapo": [2.5],
         }
     )
+    # loss -> its other hyperparameters in the runs of that loss (the frontier's 25 steps: the
+    # reference of TR-DPO moves every 5)
+    loss_options: dict = field(default_factory=lambda: {"tr_dpo": {"tr_tau": 5}})
     rounds: int = 2
     lr: float = 4e-4
     epochs: float = 1.0
@@ -149,6 +159,15 @@ def validate(cfg: ExperimentConfig, source: str = "config") -> None:
     for name, betas in cfg.grid.items():
         if not isinstance(betas, list) or not betas or not all(isinstance(b, (int, float)) and b > 0 for b in betas):
             bad(f"grid.{name}", f"must be a list of positive betas, found {betas!r}.")
+    known = {f.name for f in fields(LossConfig)} - {"name", "beta"}
+    if not isinstance(cfg.loss_options, dict):
+        bad("loss_options", f"must map a loss to its hyperparameters, found {cfg.loss_options!r}.")
+    for name, options in cfg.loss_options.items():
+        if not isinstance(options, dict) or not set(options) <= known:
+            bad(
+                f"loss_options.{name}",
+                f"must map loss keys ({', '.join(sorted(known))}) to values, found {options!r}.",
+            )
     if cfg.beta <= 0 or cfg.lr <= 0 or cfg.epochs <= 0:
         bad("beta/lr/epochs", "must be > 0.")
 
@@ -242,7 +261,7 @@ class Experiment:
         cfg = Config(
             model=ModelConfig(name=self.cfg.model),
             lora=LoraConfig(enabled=True, r=self.cfg.lora_r, alpha=self.cfg.lora_alpha),
-            loss=LossConfig(name=loss, beta=beta),
+            loss=LossConfig(name=loss, beta=beta, **self.cfg.loss_options.get(loss, {})),
             train=TrainConfig(
                 output_dir=str(out),
                 epochs=self.cfg.epochs,
@@ -271,7 +290,7 @@ class Experiment:
                 attach_kl_completions(examples, self.cfg.seed)
         examples = [dict(ex) for ex in examples]  # the reference values attached below stay with this run
         collator = make_collator(cfg, self.tokenizer)
-        if spec.needs_reference:
+        if spec.needs_reference and not spec.moving_reference:  # a moving reference is never precomputed
             reference.precompute(
                 model,
                 examples,

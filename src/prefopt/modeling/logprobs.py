@@ -99,9 +99,9 @@ def token_logps(
 def sequence_logps(model, batch: dict, chunk: int = 1024, sq_mass: bool = False) -> dict:
     """Run `model` on a collated batch; return per-sequence `logps` (sum), `lengths`, `mean_logps`.
 
-    Also, only when asked: `prefix_logps`, the sum over the tokens flagged in `batch["score_prefix"]`
-    (a collator built with `ld_prefix=True` flags each response's first min(len_c, len_r) tokens,
-    for LD-DPO), and with `sq_mass=True` `sq_mass` = Σ_t log Σ_v π(v | prefix_t)² per sequence
+    Also, only when asked: `subset_logps`, the sum over the tokens flagged in `batch["score_subset"]`
+    (a collator built with a token subset flags them: LD-DPO's shared-length prefix, SamPO's
+    sample), and with `sq_mass=True` `sq_mass` = Σ_t log Σ_v π(v | prefix_t)² per sequence
     (detached; WPO's weight alignment), computed inside the chunked lm-head."""
     causal_lm = unwrap(model)
     decoder = causal_lm.get_decoder()
@@ -160,9 +160,9 @@ def _per_sequence_sums(batch: dict, tok: torch.Tensor, sq: Optional[torch.Tensor
     logps = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seq, tok)
     lengths = torch.bincount(seq, minlength=n).to(tok.dtype)
     out = {"logps": logps, "lengths": lengths, "mean_logps": logps / lengths.clamp(min=1)}
-    if "score_prefix" in batch:
-        flag = batch["score_prefix"]
-        out["prefix_logps"] = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seq[flag], tok[flag])
+    if "score_subset" in batch:
+        flag = batch["score_subset"]
+        out["subset_logps"] = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seq[flag], tok[flag])
     if sq is not None:
         out["sq_mass"] = torch.zeros(n, dtype=sq.dtype, device=sq.device).index_add(0, seq, sq)
     return out

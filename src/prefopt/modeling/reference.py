@@ -6,6 +6,9 @@ fine-tune starts from the reference weights), so one pass of the policy, adapter
 every reference log-prob and training holds one model and runs one forward per batch. The cache
 key covers the reference weights, every token id, the layout and the precision, so a changed
 model, data set or tokenizer never reuses a stale file.
+
+A loss whose reference moves during training (TR-DPO) cannot precompute: its reference is a frozen
+copy of the policy (`frozen_copy`) that `MovingReference.update` softly moves towards the policy.
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from prefopt import losses
 from prefopt.data.collate import responses_of, row_length
 from prefopt.errors import PrefoptError
 from prefopt.modeling import load
@@ -78,11 +83,10 @@ def compute_all(
     shard: tuple[int, int] = (0, 1),
 ) -> dict:
     """{"ref_logps": [len(examples), K]} summed log-probs of every response under `model` with any
-    adapter off; with a collator built with `ld_prefix=True` also "ref_prefix_logps" (the sums over
-    each response's first min(len_c, len_r) tokens, for LD-DPO)."""
-    keys = {"ref_logps": "logps"}
-    if getattr(collator, "ld_prefix", False):
-        keys["ref_prefix_logps"] = "prefix_logps"
+    adapter off; with a collator built with a token subset also "ref_subset_logps" (the sums over
+    each response's subset: LD-DPO's prefix, SamPO's sample)."""
+    keys = {"ref_logps": "logps", "ref_subset_logps": "subset_logps"}
+    keys = {name: keys[name] for name in _cached_names(collator)}
     return per_response(
         model,
         examples,
@@ -114,7 +118,7 @@ def per_response(
     shard: tuple[int, int] = (0, 1),
 ) -> dict:
     """{name: [len(examples), K] float64} of every response of `examples`, where `keys` maps each
-    name to an output of sequence_logps ("logps", "lengths", "prefix_logps"); in eval mode,
+    name to an output of sequence_logps ("logps", "lengths", "subset_logps"); in eval mode,
     examples batched in order of length, any adapter off when `adapter_off`.
 
     shard = (rank, world) with world > 1 (torch.distributed initialised): this process computes
@@ -167,14 +171,14 @@ def precompute(
     write_cache: bool = True,
 ) -> None:
     """Attach `ref_logps` (a list of K floats) to every example, from the disk cache when valid;
-    with a collator built with `ld_prefix=True` (LD-DPO) also `ref_prefix_logps`.
+    with a collator built with a token subset (LD-DPO, SamPO) also `ref_subset_logps`.
 
     Under DDP every process calls this with shard = (rank, world): when every process finds the
     cache, all read it; otherwise each computes its share of the batches (see per_response) and
     those with `write_cache` (one per machine) write the file."""
     if not examples:
         return
-    names = ("ref_logps", "ref_prefix_logps") if getattr(collator, "ld_prefix", False) else ("ref_logps",)
+    names = _cached_names(collator)
     path = None if cache_dir is None else _cache_path(model, examples, collator, cache_dir, autocast_dtype, chunk)
     if path is not None:
         remove_orphans(path.parent)
@@ -252,14 +256,28 @@ def _alive(pid: int) -> bool:
 
 def _cache_path(model, examples: list[dict], collator, cache_dir, autocast_dtype, chunk: int) -> Path:
     """CACHE_DIR/<key>.safetensors, the key covering the reference weights, the token ids, the
-    layout and the precision."""
-    ld = getattr(collator, "ld_prefix", False)
+    layout, the precision and the token subset (with its seed for SamPO's sample)."""
     key = data_fingerprint(
         examples,
-        f"{weights_fingerprint(model)}|{collator.prefix_sharing}|{autocast_dtype}|{chunk}"
-        + ("|ld_prefix" if ld else ""),  # unchanged key (and cache files) when LD-DPO is off
+        f"{weights_fingerprint(model)}|{collator.prefix_sharing}|{autocast_dtype}|{chunk}" + _subset_key(collator),
     )
     return Path(cache_dir) / f"{key}.safetensors"
+
+
+def _subset_key(collator) -> str:
+    """The cache key's part for the collator's token subset: "" without one (the key, and the cache
+    files, of a run without a subset are those of earlier versions), the mode (and the seed that
+    draws SamPO's sample) with one."""
+    subset = getattr(collator, "subset", None)
+    if subset is None:
+        return ""
+    return f"|subset={subset}" + (f"|seed={collator.seed}" if subset == "sample" else "")
+
+
+def _cached_names(collator) -> tuple:
+    """The per-example values precomputed for `collator`'s batches: ref_logps, and ref_subset_logps
+    when it flags a token subset."""
+    return ("ref_logps", "ref_subset_logps") if getattr(collator, "subset", None) else ("ref_logps",)
 
 
 def _read_cache(path: Optional[Path], names: tuple, n: int, k: int) -> Optional[dict]:
@@ -374,13 +392,14 @@ def for_training(
     progress: bool,
     from_policy: bool = False,
 ):
-    """The reference a training run needs, set up before the first step: with
+    """The reference a training run needs, set up before the first step: a loss whose reference
+    moves (TR-DPO) gets None (the trainer copies the policy itself, see MovingReference); with
     reference.precompute every example of `example_lists` gets its reference log-probs (from the
     cache when valid; under DDP each process computes its share) and None is returned; without it
     a full fine-tune gets a frozen copy of the model at `path` (returned; with `from_policy`, a copy
     of the untrained policy itself) and a LoRA run uses the policy with its adapter off (None).
     Reference-free losses get None."""
-    if not spec.needs_reference:
+    if not spec.needs_reference or spec.moving_reference:
         return None
     if cfg.reference.precompute:
         cache = Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else load.cache_dir() / "reference"
@@ -391,19 +410,19 @@ def for_training(
     if cfg.lora.enabled or hasattr(model, "disable_adapter"):
         return None
     if from_policy:
-        return copy.deepcopy(model).requires_grad_(False).eval()
+        return frozen_copy(model)
     ref_model = load.load_configured(path, cfg.model)
     return ref_model.requires_grad_(False).eval()
 
 
-def outputs(model, batch: dict, ref_model=None, chunk: int = 1024) -> dict:
-    """{"logps"} of the reference for a training batch (and "prefix_logps" when the batch flags
-    LD-DPO prefixes): precomputed values carried by the batch, a frozen copy, or the policy with
-    its adapter off."""
-    if "ref_logps" in batch:
+def outputs(model, batch: dict, ref_model=None, chunk: int = 1024, precomputed: bool = True) -> dict:
+    """{"logps"} of the reference for a training batch (and "subset_logps" when the batch flags a
+    token subset): precomputed values carried by the batch (unless `precomputed` is false), a
+    frozen copy, or the policy with its adapter off."""
+    if precomputed and "ref_logps" in batch:
         out = {"logps": batch["ref_logps"]}
-        if "ref_prefix_logps" in batch:
-            out["prefix_logps"] = batch["ref_prefix_logps"]
+        if "ref_subset_logps" in batch:
+            out["subset_logps"] = batch["ref_subset_logps"]
         return out
     with torch.no_grad():
         if ref_model is not None:
@@ -413,3 +432,124 @@ def outputs(model, batch: dict, ref_model=None, chunk: int = 1024) -> dict:
             raise RuntimeError("no reference: give ref_model, precomputed ref_logps, or a peft model")
         with base.disable_adapter():
             return sequence_logps(model, batch, chunk)
+
+
+# --------------------------------------------------------------------------------------------
+# a moving reference (TR-DPO)
+# --------------------------------------------------------------------------------------------
+
+PEFT_PREFIX = "base_model.model."  # a peft model's module names: this + the base model's
+
+
+def frozen_copy(policy):
+    """A frozen copy of `policy`'s weights as they are now, in eval mode: a deep copy of the model,
+    or of a peft model's base model without its adapters (deep-copied, then unloaded)."""
+    copied = copy.deepcopy(_without_wrappers(policy))
+    _drop_checkpointed_forwards(copied)
+    if hasattr(copied, "disable_adapter"):
+        copied = copied.unload()
+    return copied.requires_grad_(False).eval()
+
+
+def _drop_checkpointed_forwards(model) -> None:
+    """Give back their class's forward to the modules of a deep copy that modeling.checkpointing
+    wrapped: the wrapper a copy inherits still calls the original module's forward (the policy's
+    weights), and a frozen copy is never trained, so it needs no checkpointing."""
+    for module in model.modules():
+        if module.__dict__.pop("_prefopt_checkpointed", False):
+            module.__dict__.pop("forward", None)
+
+
+def _without_wrappers(model):
+    """`model` without DDP / accelerate wrappers: the transformers model, or the peft model."""
+    while hasattr(model, "module") and not hasattr(model, "disable_adapter") and not hasattr(model, "get_decoder"):
+        model = model.module
+    return model
+
+
+class MovingReference:
+    """TR-DPO's reference (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good
+    Alignment", soft update): `model`, a frozen copy of the policy's starting weights, whose
+    weights `update` moves towards the policy's,
+
+        W_ref ← α·W_π + (1 − α)·W_ref          (losses.mix_reference)
+
+    W_π is the policy's effective weight: for a full fine-tune every parameter; for a peft model
+    each LoRA-targeted layer's merged weight W0 + ΔW (peft's get_delta_weight) and each
+    modules_to_save copy; its other weights are W0, which the reference holds already, so only
+    these `names` ever change. Every process holds its own copy and updates it identically (the
+    policy's weights are the same on every process after the gradient all-reduce)."""
+
+    def __init__(self, model, policy):
+        self.model = model
+        self._weights = dict(model.named_parameters())
+        self._sources = _policy_weights(policy)
+        unknown = sorted(set(self._sources) - set(self._weights))
+        if unknown:
+            raise ValueError(f"the reference has no weights {', '.join(unknown[:5])}: it is no copy of the policy")
+
+    @property
+    def names(self) -> list[str]:
+        """The reference's weights that `update` changes (the ones a checkpoint saves)."""
+        return list(self._sources)
+
+    @torch.no_grad()
+    def update(self, alpha: float) -> None:
+        """W_ref ← α·W_π + (1 − α)·W_ref for every weight in `names`."""
+        for name, source in self._sources.items():
+            weight = self._weights[name]
+            weight.copy_(losses.mix_reference(weight, source().to(weight.device, weight.dtype), alpha))
+
+    def state_dict(self) -> dict:
+        """{name: the reference's current value} of every weight in `names`, on the CPU."""
+        return {name: self._weights[name].detach().to("cpu", copy=True).contiguous() for name in self._sources}
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: dict) -> None:
+        """Set the reference's weights to `tensors` (from `state_dict`); a ValueError when they are
+        not exactly this reference's moving weights with their shapes."""
+        if set(tensors) != set(self._sources):
+            raise ValueError("the saved reference weights are not those of this run's reference")
+        for name, value in tensors.items():
+            weight = self._weights[name]
+            if tuple(value.shape) != tuple(weight.shape):
+                raise ValueError(f"the saved reference weight {name} is {list(value.shape)}, not {list(weight.shape)}")
+            weight.copy_(value.to(weight.device, weight.dtype))
+
+
+def _policy_weights(policy) -> dict[str, Callable[[], torch.Tensor]]:
+    """{name of a reference weight: a function returning the policy's effective value of it} for
+    every weight a training step can change (see MovingReference)."""
+    policy = _without_wrappers(policy)
+    if not hasattr(policy, "disable_adapter"):
+        return {name: (lambda p=p: p) for name, p in policy.named_parameters()}
+    sources: dict = {}
+    for name, module in policy.named_modules():
+        base_name = name.removeprefix(PEFT_PREFIX)
+        if isinstance(module, ModulesToSaveWrapper):
+            trained = module.modules_to_save[module.active_adapters[0]]
+            sources.update({f"{base_name}.{n}": (lambda p=p: p) for n, p in trained.named_parameters()})
+        elif hasattr(module, "get_delta_weight"):
+            _check_plain_lora(module, base_name)
+            sources[f"{base_name}.weight"] = lambda m=module: _merged_weight(m)
+    return sources
+
+
+def _check_plain_lora(layer, name: str) -> None:
+    """A PrefoptError for a LoRA variant whose merged weight is not W0 + ΔW (DoRA)."""
+    if any(layer.use_dora.get(a, False) for a in layer.active_adapters):
+        raise PrefoptError(
+            f"{name}: a moving reference (TR-DPO) mixes the merged weight W0 + ΔW of each LoRA layer into the "
+            "reference, which DoRA (lora.use_dora) does not have; use plain LoRA or a full fine-tune."
+        )
+
+
+def _merged_weight(layer) -> torch.Tensor:
+    """A LoRA layer's effective weight: its base weight plus the delta of each active adapter."""
+    weight = layer.get_base_layer().weight
+    if layer.disable_adapters or layer.merged:  # merged: the base weight holds the deltas already
+        return weight
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}):
+            weight = weight + layer.get_delta_weight(adapter)
+    return weight

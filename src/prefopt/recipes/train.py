@@ -222,12 +222,13 @@ def _publish(cfg: Config, path: str, out: Path, summary: dict) -> None:
 
 
 def _fit(trainer, checkpoint: Optional[Path]):
-    """trainer.train(), from `checkpoint` when resuming; None when that checkpoint is the last step."""
-    if checkpoint is not None:
-        trainer.restore_loss_state(checkpoint)
+    """trainer.train(), from `checkpoint` when resuming (which restores prefopt's state too); None
+    when that checkpoint is the last step."""
     if checkpoint is not None and checkpoints.finished(checkpoint):
         # killed after the last step's checkpoint but before the final save: transformers would
-        # take one more step on resuming, so only the weights are restored here
+        # take one more step on resuming, so only the weights (and prefopt's state, for the final
+        # evaluation) are restored here
+        trainer.restore_state(checkpoint)
         trainer._load_from_checkpoint(str(checkpoint))
         trainer.state = TrainerState.load_from_json(str(checkpoint / checkpoints.COMPLETE_MARKER))
         return None

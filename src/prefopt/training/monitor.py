@@ -8,11 +8,16 @@ warns once per failure mode, naming the step:
                      detached parameters, an adapter that is not trained)
     suppression      chosen and rejected implicit rewards both negative and the chosen one falling:
                      the margin is won by pushing both log-probs down (Pal et al. 2024; Razin et al.
-                     2024); an SFT term (loss rpo) or a smaller learning rate counters it
+                     2024); remedies: loss dpop (a penalty when the chosen log-prob falls below the
+                     reference's) or rpo (an SFT term on chosen)
     length           implicit reward correlating with response length (rewards/length_corr over the
-                     trainer's recent sequences): the policy may be learning length, not quality
+                     trainer's recent sequences): the policy may be learning length, not quality;
+                     remedies: loss sampo (down-sampled, length-balanced log-ratios), loss.ld_alpha
+                     (LD-DPO) or simpo (per-token reward)
     over-optimising  margins growing at every log and already large: the loss is driven to zero by
-                     ever-larger log-ratios; a larger β or IPO (bounded target) settles it
+                     ever-larger log-ratios; remedies: a larger β, or loss ipo (a bounded target)
+
+Each warning names its remedies and links to their sections of docs/losses.md (REMEDY_DOCS).
 """
 
 from __future__ import annotations
@@ -24,6 +29,21 @@ from collections import deque
 from transformers import TrainerCallback
 
 log = logging.getLogger("prefopt")
+
+LOSSES_DOC = "docs/losses.md"
+# the section of docs/losses.md on each remedy a warning names
+REMEDY_DOCS = {
+    "dpop": f"{LOSSES_DOC}#dpop",
+    "rpo": f"{LOSSES_DOC}#rpo",
+    "sampo": f"{LOSSES_DOC}#sampo",
+    "ld_alpha": f"{LOSSES_DOC}#ld-dpo",
+    "simpo": f"{LOSSES_DOC}#simpo",
+    "ipo": f"{LOSSES_DOC}#ipo",
+}
+
+
+def _see(*remedies: str) -> str:
+    return "see " + ", ".join(REMEDY_DOCS[r] for r in remedies)
 
 
 class FailureMonitor(TrainerCallback):
@@ -104,8 +124,9 @@ class FailureMonitor(TrainerCallback):
                 step,
                 f"chosen log-probs are falling together with rejected ones "
                 f"(rewards/chosen {chosen[0]:.3g} -> {chosen[-1]:.3g}, rewards/rejected "
-                f"{rejected[-1]:.3g}): the margin is won by suppressing both. Consider an SFT term "
-                "(loss.name rpo) or a smaller learning rate.",
+                f"{rejected[-1]:.3g}): the margin is won by suppressing both. Remedies: loss.name dpop "
+                "(DPO-Positive: a penalty when the chosen log-prob falls below the reference's) or "
+                f"loss.name rpo (an SFT term on chosen), or a smaller learning rate; {_see('dpop', 'rpo')}.",
             )
 
     def _length(self, logs: dict, step: int) -> None:
@@ -115,8 +136,10 @@ class FailureMonitor(TrainerCallback):
                 "length",
                 step,
                 f"implicit reward correlates with response length (r = {corr:.2f} over "
-                "recent sequences): the policy may be exploiting length. Consider loss.ld_alpha (LD-DPO), "
-                "simpo or ipo, or check the data's length bias with `prefopt data check`.",
+                "recent sequences): the policy may be exploiting length. Remedies: loss.name sampo (SamPO: "
+                "log-ratios over equally many tokens of each response), loss.ld_alpha (LD-DPO) or loss.name "
+                "simpo (a per-token reward); check the data's length bias with `prefopt data check`; "
+                f"{_see('sampo', 'ld_alpha', 'simpo')}.",
             )
 
     def _over_optimising(self, step: int) -> None:
@@ -126,6 +149,7 @@ class FailureMonitor(TrainerCallback):
                 "over-optimising",
                 step,
                 f"margins grow at every log and reached {margins[-1]:.3g} "
-                f"(implicit-reward units; the loss is near 0): the log-ratios can grow without bound. A "
-                "larger loss.beta or loss.name ipo (a bounded target) settles them.",
+                f"(implicit-reward units; the loss is near 0): the log-ratios can grow without bound. "
+                "Remedies: a larger loss.beta, or loss.name ipo (a bounded target); "
+                f"{_see('ipo')}.",
             )

@@ -18,8 +18,8 @@ from transformers import TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from prefopt import losses
-from prefopt.config import Config, check_training_args, training_args_kwargs
-from prefopt.data.collate import Collator
+from prefopt.config import Config, check_training_args, resolve_loss, training_args_kwargs
+from prefopt.data.collate import Collator, subset_mode
 from prefopt.errors import PrefoptError
 from prefopt.files import write_text_atomic
 from prefopt.modeling import load
@@ -113,10 +113,10 @@ def training_arguments(cfg: Config, bf16: bool) -> TrainingArguments:
 
 
 def make_collator(cfg: Config, tokenizer) -> Collator:
-    """The batch collator for `cfg`: flags LD-DPO's shared-length prefixes only when loss.ld_alpha is set."""
-    return Collator(
-        tokenizer.pad_token_id, prefix_sharing=cfg.train.prefix_sharing, ld_prefix=cfg.loss.ld_alpha is not None
-    )
+    """The batch collator for `cfg`: it flags a token subset only for LD-DPO (loss.ld_alpha set:
+    the shared-length prefix) or a loss that scores one (SamPO: a sample drawn with train.seed)."""
+    subset = subset_mode(resolve_loss(cfg.loss).token_subset, cfg.loss.ld_alpha)
+    return Collator(tokenizer.pad_token_id, prefix_sharing=cfg.train.prefix_sharing, subset=subset, seed=cfg.train.seed)
 
 
 def make_trainer(

@@ -7,6 +7,7 @@ stay transformers'/accelerate's. Metrics use the names TRL users know.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import defaultdict, deque
@@ -15,11 +16,15 @@ from typing import Optional, Union
 
 import torch
 from accelerate.utils import AutocastKwargs, DistributedType
+from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import get_last_checkpoint
 
 from prefopt import losses
+from prefopt.config import moving_reference_precompute_error
 from prefopt.data import formats
-from prefopt.data.collate import Collator
+from prefopt.data.collate import Collator, subset_mode
 from prefopt.data.examples import check_shape
 from prefopt.data.tokenize import attach_kl_completions, tokenize_pairs
 from prefopt.errors import PrefoptError
@@ -28,22 +33,11 @@ from prefopt.modeling.logprobs import sequence_logps
 from prefopt.modeling.sparse_embedding import sparse_tied_embedding_grads
 from prefopt.training import checkpoints
 
+log = logging.getLogger("prefopt")
+
 LENGTH_CORR_SEQS = 512  # sequences behind rewards/length_corr
 LOSS_STATE_FILE = "prefopt_loss_state.json"  # in a checkpoint: the state a stateful loss keeps across steps
-
-
-class _GlobalBCOState(losses.BCOState):
-    """BCO's running reward mean over every rank's rewards: each rank folds in the gathered batch,
-    so all ranks keep the same δ (the single-process value for the same global batch)."""
-
-    def __init__(self, accelerator):
-        super().__init__()
-        self.accelerator = accelerator
-
-    def update(self, rewards: torch.Tensor) -> float:
-        if self.accelerator.num_processes > 1:
-            rewards = self.accelerator.gather(rewards.detach().contiguous())
-        return super().update(rewards)
+REFERENCE_FILE = "prefopt_reference.safetensors"  # in a checkpoint: a moving reference's changed weights
 
 
 def as_examples(data, *, tokenizer, spec: losses.LossSpec, seed: int, max_length: int, max_prompt_length: int):
@@ -85,6 +79,24 @@ def _model_and_tokenizer(model, tokenizer, peft_config):
     return model, tokenizer
 
 
+def _check_modifiers(loss: losses.LossSpec, ld_alpha, wpo, precompute_reference) -> None:
+    """An error for modifiers and settings that `loss` cannot take."""
+    if (ld_alpha is not None or wpo) and not loss.paired:
+        raise ValueError(f"ld_alpha / wpo modify paired losses; '{loss.name}' is unpaired")
+    if ld_alpha is not None and loss.token_subset is not None:
+        raise PrefoptError(
+            f"PreferenceTrainer: ld_alpha (LD-DPO's shared-length prefix) and loss '{loss.name}', which scores "
+            f"its own token subset ({loss.token_subset}), both choose the tokens the loss sees; give one."
+        )
+    if loss.moving_reference and precompute_reference:
+        raise PrefoptError(
+            "PreferenceTrainer: "
+            + moving_reference_precompute_error(
+                loss.name, "precompute_reference", "pass precompute_reference=False, or leave it out"
+            )
+        )
+
+
 def _split(x, K: int):
     """Rows interleaved in groups of K -> (first of each group, second of each group or None)."""
     if x is None:
@@ -102,10 +114,16 @@ class PreferenceTrainer(Trainer):
     `precompute_reference` is false: then a frozen `ref_model`, or the policy with its adapter off).
 
     The reference is the batch's precomputed `ref_logps`, `ref_model` (a frozen copy), or the
-    policy with its adapter off. `ld_alpha` (LD-DPO; None = off) and `wpo` (WPO pair weights,
-    capped at `wpo_clamp`; None = uncapped) modify a paired loss: the batches must then come from a
-    Collator built with ld_prefix=True (and, with precomputed reference log-probs, carry
-    ref_prefix_logps)."""
+    policy with its adapter off. A loss whose reference moves (`LossSpec.moving_reference`, TR-DPO)
+    never precomputes (None: the default; True is an error): its reference is `ref_model` (updated in
+    place), or a copy of the policy made here (of a peft model: its base model), softly updated
+    towards the policy every `tr_tau` optimizer steps (reference.MovingReference) and saved in
+    checkpoints.
+
+    `ld_alpha` (LD-DPO; None = off) and `wpo` (WPO pair weights, capped at `wpo_clamp`; None =
+    uncapped) modify a paired loss. LD-DPO, and a loss that scores a token subset
+    (`LossSpec.token_subset`, SamPO), need batches from a Collator built with that subset (the
+    default collator is), carrying ref_subset_logps when the reference log-probs are precomputed."""
 
     def __init__(
         self,
@@ -127,10 +145,11 @@ class PreferenceTrainer(Trainer):
         wpo: bool = False,
         wpo_clamp: Optional[float] = 1.0,
         run_info: Optional[dict] = None,
-        precompute_reference: bool = True,
+        precompute_reference: Optional[bool] = None,
         **kwargs,
     ):
         loss = losses.get(loss) if isinstance(loss, str) else loss
+        _check_modifiers(loss, ld_alpha, wpo, precompute_reference)
         loss_kwargs = {**loss.hyperparameters, **(loss_kwargs or {})}
         model, processing_class = _model_and_tokenizer(model, processing_class, peft_config)
         args = args or TrainingArguments(output_dir="runs/prefopt", report_to="none")
@@ -144,7 +163,8 @@ class PreferenceTrainer(Trainer):
         )
         train_dataset, eval_dataset = as_examples(train_dataset, **prepare), as_examples(eval_dataset, **prepare)
         if data_collator is None and processing_class is not None:
-            data_collator = Collator(processing_class.pad_token_id, ld_prefix=ld_alpha is not None)
+            subset = subset_mode(loss.token_subset, ld_alpha)
+            data_collator = Collator(processing_class.pad_token_id, subset=subset, seed=args.seed)
         super().__init__(
             model=model,
             args=args,
@@ -154,21 +174,43 @@ class PreferenceTrainer(Trainer):
             data_collator=data_collator,
             **kwargs,
         )
-        if (ld_alpha is not None or wpo) and not loss.paired:
-            raise ValueError(f"ld_alpha / wpo modify paired losses; '{loss.name}' is unpaired")
         self.loss_spec, self.loss_kwargs, self.ref_model = loss, dict(loss_kwargs), ref_model
         self.lm_head_chunk, self.ld_alpha, self.wpo, self.wpo_clamp = lm_head_chunk, ld_alpha, bool(wpo), wpo_clamp
         self.run_info = run_info  # saved in every checkpoint (checkpoints.RUN_FILE); None: nothing saved
+        self.moving_reference: Optional[reference.MovingReference] = None
+        if loss.moving_reference:
+            ref_model = self._start_moving_reference(ref_model)
         self._init_state()
         if ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
-        elif loss.needs_reference and precompute_reference:
+        elif loss.needs_reference and precompute_reference is not False and not loss.moving_reference:
             self._precompute_reference()
+
+    def _start_moving_reference(self, ref_model):
+        """The moving reference (TR-DPO): `ref_model` as given, or a frozen copy of the policy as it
+        is now; updated every tr_tau optimizer steps by a callback. Returns the reference model."""
+        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+            raise PrefoptError(
+                f"loss '{self.loss_spec.name}' keeps a whole copy of the reference and mixes the policy's weights "
+                "into it, but FSDP and DeepSpeed ZeRO-3 shard those weights; use DDP, or DeepSpeed ZeRO-1/2."
+            )
+        ref_model = ref_model if ref_model is not None else reference.frozen_copy(self.model)
+        self.moving_reference = reference.MovingReference(ref_model, self.model)
+        self.add_callback(_SyncReference(self))
+        return ref_model
+
+    def sync_reference(self, step: int) -> bool:
+        """After optimizer step `step`: every tr_tau-th step, the soft update of the moving reference
+        with α = tr_alpha (reference.MovingReference.update). Returns whether it updated."""
+        if self.moving_reference is None or step % int(self.loss_kwargs["tr_tau"]):
+            return False
+        self.moving_reference.update(float(self.loss_kwargs["tr_alpha"]))
+        return True
 
     def _init_state(self) -> None:
         """What the trainer keeps across steps, and the settings it applies to the accelerator/model."""
         self.nonfinite_step: Optional[int] = None  # a save step whose weights or moments were not finite
-        self.loss_state = _GlobalBCOState(self.accelerator) if self.loss_spec.stateful else None
+        self.loss_state = self._new_loss_state()
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         # (implicit rewards, lengths) of recently trained batches, kept on the device (no sync per
         # step); rewards/length_corr is computed over their last LENGTH_CORR_SEQS sequences at log time
@@ -206,17 +248,38 @@ class PreferenceTrainer(Trainer):
             progress=not self.args.disable_tqdm,
         )
 
-    def _ld(self, out: dict) -> torch.Tensor:
-        """LD-DPO log-probs: prefix + ld_alpha·excess (the plain sums when LD-DPO is off)."""
-        if self.ld_alpha is None:
+    def _loss_logps(self, out: dict) -> torch.Tensor:
+        """The per-sequence log-probs the loss sees: with LD-DPO, prefix + ld_alpha·excess; for a loss
+        that scores a token subset (SamPO), the subset's sums; else the plain sums."""
+        if self.ld_alpha is None and self.loss_spec.token_subset is None:
             return out["logps"]
-        if "prefix_logps" not in out:
+        if "subset_logps" not in out:
             raise RuntimeError(
-                "LD-DPO (ld_alpha) needs batches from a Collator built with ld_prefix=True "
-                "(and precomputed reference log-probs with ref_prefix_logps)"
+                "LD-DPO (ld_alpha) and token-subset losses (SamPO) need batches from a Collator built with "
+                "their subset (and precomputed reference log-probs with ref_subset_logps)"
             )
-        prefix = out["prefix_logps"].to(out["logps"].dtype)
-        return losses.ld_logps(prefix, out["logps"] - prefix, self.ld_alpha)
+        subset = out["subset_logps"].to(out["logps"].dtype)
+        if self.ld_alpha is None:
+            return subset
+        return losses.ld_logps(subset, out["logps"] - subset, self.ld_alpha)
+
+    def _new_loss_state(self):
+        """A fresh state of a stateful loss (None for the others). Under data parallelism its update
+        folds in the values gathered from every process, so all keep the same state (the
+        single-process one for the same global batch)."""
+        if self.loss_spec.state_class is None:
+            return None
+        state = self.loss_spec.state_class()
+        if self.accelerator.num_processes > 1:
+            state.gather = self.accelerator.gather
+        return state
+
+    def _loss_state_for(self, training: bool):
+        """The state the loss takes: the running one in training; in evaluation a copy, which the
+        evaluation batch advances and which is then dropped."""
+        if training or self.loss_state is None:
+            return self.loss_state
+        return self.loss_state.copy()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The batch's mean preference loss (WPO-weighted when on); logs its metrics."""
@@ -225,14 +288,13 @@ class PreferenceTrainer(Trainer):
             self._count_tokens(inputs)
         ref = None
         if self.loss_spec.needs_reference:
-            ref_out = reference.outputs(model, inputs, self.ref_model, self.lm_head_chunk)
-            ref = self._ld(ref_out).to(out["logps"].dtype)
-        logps = self._ld(out)
+            precomputed = not self.loss_spec.moving_reference
+            ref_out = reference.outputs(model, inputs, self.ref_model, self.lm_head_chunk, precomputed=precomputed)
+            ref = self._loss_logps(ref_out).to(out["logps"].dtype)
+        logps = self._loss_logps(out)
         extra = {}
-        if self.loss_spec.stateful:  # evaluation uses the running state without advancing it
-            extra["state"] = (
-                self.loss_state if model.training else losses.BCOState(self.loss_state.mean, self.loss_state.count)
-            )
+        if self.loss_state is not None:  # evaluation uses the running state without advancing it
+            extra["state"] = self._loss_state_for(model.training)
         if self.loss_spec.paired:
             per_example, weights, stats = self._paired(model, out, logps, ref, extra)
         else:
@@ -241,7 +303,7 @@ class PreferenceTrainer(Trainer):
         loss = (per_example if weights is None else weights * per_example).mean()
         self._record(stats, "train" if model.training else "eval")
         if return_outputs:
-            # what the loss saw, for inspection: the (LD-modified) log-probs, the per-example losses
+            # what the loss saw, for inspection: the (LD- or subset-) log-probs, the per-example losses
             # and the WPO weights (None when off)
             out = {
                 **out,
@@ -379,11 +441,13 @@ class PreferenceTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _save_prefopt_state(self, folder: Path) -> None:
-        """What transformers does not save: BCO's running reward mean, and the run's identity (its
-        config and data fingerprint, checked by --resume) with the verified-finite mark."""
+        """What transformers does not save: a stateful loss's state (its to_dict()), a moving
+        reference's changed weights, and the run's identity (its config and data fingerprint,
+        checked by --resume) with the verified-finite mark."""
         if self.loss_state is not None:
-            state = {"mean": self.loss_state.mean, "count": self.loss_state.count}
-            (folder / LOSS_STATE_FILE).write_text(json.dumps(state))
+            (folder / LOSS_STATE_FILE).write_text(json.dumps(self.loss_state.to_dict()))
+        if self.moving_reference is not None:
+            save_file(self.moving_reference.state_dict(), str(folder / REFERENCE_FILE))
         if self.run_info is not None:
             (folder / checkpoints.RUN_FILE).write_text(json.dumps({**self.run_info, "finite": True}))
 
@@ -401,12 +465,27 @@ class PreferenceTrainer(Trainer):
             bad = self.accelerator.reduce(bad, "sum")
         return bad.item() == 0
 
-    def restore_loss_state(self, checkpoint) -> None:
-        """The stateful loss's state (BCO's running mean) as saved in `checkpoint`."""
-        path = Path(checkpoint) / LOSS_STATE_FILE
-        if self.loss_state is not None and path.is_file():
-            saved = json.loads(path.read_text())
-            self.loss_state.mean, self.loss_state.count = float(saved["mean"]), int(saved["count"])
+    def restore_state(self, checkpoint) -> None:
+        """What _save_prefopt_state saved in `checkpoint`: the stateful loss's state (also a BCO
+        state saved by earlier versions, {"mean", "count"}) and the moving reference's weights."""
+        checkpoint = Path(checkpoint)
+        if self.loss_state is not None and (checkpoint / LOSS_STATE_FILE).is_file():
+            self.loss_state.load_dict(json.loads((checkpoint / LOSS_STATE_FILE).read_text()))
+        if self.moving_reference is None:
+            return
+        if (checkpoint / REFERENCE_FILE).is_file():
+            self.moving_reference.load_state_dict(load_file(str(checkpoint / REFERENCE_FILE)))
+        else:  # a checkpoint of a run with another loss, resumed with --force
+            log.warning("%s holds no %s; the moving reference starts from the model", checkpoint, REFERENCE_FILE)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """transformers' train(); when resuming, prefopt's own state is restored first (restore_state)."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, (str, os.PathLike)):
+            self.restore_state(checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save(self, output_dir=None, state_dict=None):
         """The model as safetensors (transformers' own save) and the training arguments as JSON
@@ -442,6 +521,16 @@ class PreferenceTrainer(Trainer):
             self._tokens.zero_()
             self._tokens_since = time.perf_counter()
         super().log(logs, start_time)
+
+
+class _SyncReference(TrainerCallback):
+    """After each optimizer step: the trainer's moving-reference update (PreferenceTrainer.sync_reference)."""
+
+    def __init__(self, trainer: PreferenceTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.sync_reference(state.global_step)
 
 
 class JsonlMetrics(TrainerCallback):
