@@ -9,8 +9,15 @@ on-policy configs):
     length                number of whitespace-separated words of the response
     regex:PATTERN         1.0 where the response matches PATTERN (Python re.search), else 0.0
     keywords:w1,w2,...    how many of the words occur in the response (case-insensitive, whole words)
+    tests                 the built-in code task: the fraction of the problem's unit tests that the code
+                          in the response passes, run in the sandbox (prefopt.tasks.code)
+    tests:PROBLEMS.jsonl  the same on your problems file (prompt, tests, optional entry_point)
+    tests_binary[:FILE]   1.0 when the code passes every test of its problem, else 0.0
     package.module:func   any importable function with the signature above
     path/to/file.py:func  a function defined in a Python file
+
+The code rewards find a response's problem by its prompt: the prompt text must contain the problem's
+prompt, as prefopt.tasks.code.chat_prompt makes it.
 
 What a reward function returns is checked: one finite number per response, or a clear error.
 """
@@ -25,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from prefopt.errors import PrefoptError
+from prefopt.tasks import code
 from prefopt.tasks.sentiment import vader_reward
 
 RewardFn = Callable[[list, list], list]
@@ -69,8 +77,20 @@ def keywords(words: str) -> RewardFn:
     return reward
 
 
+def tests(path: str = "", binary: bool = False) -> RewardFn:
+    """The code reward on the built-in problems (`path` empty) or a problems file: the fraction of
+    the problem's tests the response's code passes (with `binary`: 1.0 only when all pass)."""
+    problems = code.load_problems(path) if path else code.problems()
+    return code.reward(problems, binary=binary)
+
+
+def tests_binary(path: str = "") -> RewardFn:
+    """The code reward scoring 1.0 only when every test passes."""
+    return tests(path, binary=True)
+
+
 BUILTIN = {"vader": vader, "length": length}
-FACTORIES = {"regex": regex, "keywords": keywords}
+FACTORIES = {"regex": regex, "keywords": keywords, "tests": tests, "tests_binary": tests_binary}
 
 
 def _import(spec: str) -> RewardFn:
