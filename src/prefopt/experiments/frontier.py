@@ -12,6 +12,7 @@ import logging
 import time
 from pathlib import Path
 
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from prefopt.experiments.experiment import (
@@ -85,6 +86,8 @@ def plot(rows: list[dict], path: Path, title: str = "reward vs KL") -> Path:
             linestyle="none",
             label="reference",
         )
+    if len(by_loss) > 10:  # more curves than the default cycle has colours
+        ax.set_prop_cycle(color=[colormaps["tab20"](i) for i in range(20)])
     for loss, rs in by_loss.items():
         rs = sorted(rs, key=lambda r: r["kl_nats"])
         (line,) = ax.plot([r["kl_nats"] for r in rs], [r["reward_policy"] for r in rs], marker="o", label=loss)
