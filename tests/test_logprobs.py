@@ -14,7 +14,7 @@ import torch
 
 from prefopt.data.collate import Collator
 from prefopt.modeling.load import load_model
-from prefopt.modeling.logprobs import sequence_logps
+from prefopt.modeling.logprobs import sequence_logps, set_attention
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +203,19 @@ def test_real_smollm2_matches_direct(smol_dir, smol_tokenizer):
             torch.testing.assert_close(out["logps"], expected, atol=1e-4, rtol=1e-5)
     # sanity: the model is a real one (a sensible answer is more likely than noise per token)
     assert (expected / torch.tensor([float(len(r)) for ex in examples for r in responses(ex)])).max() > -6
+
+
+@pytest.mark.slow
+def test_real_smollm2_attention_paths_match(smol_dir):
+    """The real model (grouped key/value heads: 9 query heads, 3 key/value heads): segment
+    attention and the dense mask give the same log-probs as separate forwards (pairs of very
+    different lengths, padded rows)."""
+    model = load_model(smol_dir, dtype="float32").eval()
+    examples = paired_examples(seed=9)[:3]
+    batch = Collator(2)(examples)
+    with torch.no_grad():
+        expected = direct_logps(model, examples)
+        for path in ("segments", "dense"):
+            set_attention(model, path)
+            out = sequence_logps(model, batch, 16)["logps"]
+            torch.testing.assert_close(out, expected, atol=2e-4, rtol=1e-5, msg=path)

@@ -185,6 +185,11 @@ class TrainConfig:
     )
     prefix_sharing: bool = _key(True, "prompt computed once per pair: [prompt | chosen | rejected]")
     lm_head_chunk: int = _key(1024, "tokens per lm-head chunk; 0: unchunked")
+    attention: str = _key(
+        "segments",
+        "segments: each response attends to its prompt and itself by plain causal SDPA calls, no T×T mask "
+        "(sdpa models; other attention implementations use dense) | dense: one T×T mask per row",
+    )
     logging_steps: int = _key(1, "log metrics every N steps")
     save_steps: int = _key(500, "checkpoint every N steps (what --resume continues from); 0: none")
     save_total_limit: int = _key(2, "keep the newest N checkpoints; 0: keep all")
@@ -1016,6 +1021,8 @@ def _validate_train(train: TrainConfig, source: str) -> None:
         )
     if train.bf16 not in (True, False, "auto"):
         _bad(source, "train.bf16", f"must be true, false or auto, found {show(train.bf16)}.")
+    if train.attention not in ("segments", "dense"):
+        _bad(source, "train.attention", f"must be segments or dense, found {show(train.attention)}.")
     for key, (lowest, meaning) in _TRAIN_MINIMUM.items():
         if getattr(train, key) < lowest:
             _bad(source, f"train.{key}", f"must be >= {lowest}{meaning}, found {show(getattr(train, key))}.")

@@ -1,10 +1,21 @@
 """The log-prob engine: per-sequence summed log-probabilities and token counts from a batch.
 
-One forward of the model over the collated rows. The attention mask is built from document and
-branch ids: token i may see token j when j ≤ i, both belong to the same example, and j is in the
-prompt or in i's own response. The final hidden states of scored positions only go through the
-lm-head, chunk by chunk under activation checkpointing, so the full batch × sequence × vocabulary
-logits tensor is never built, in forward or in backward.
+One forward of the model over the collated rows. Attention follows the document and branch ids:
+token i may see token j when j ≤ i, both belong to the same example, and j is in the prompt or in
+i's own response. Two paths compute it, equal to float rounding (tests/test_attention.py):
+
+    segments  (the default, for sdpa models) plain causal SDPA calls over [prompt ; response k],
+              no T×T tensor anywhere (modeling/attention.py)
+    dense     one [R, 1, T, T] mask per batch (`attention_mask`): boolean for sdpa, additive
+              float for eager and other implementations, which always take this path
+
+`set_attention(model, "dense")` (train.attention) picks the dense path for a model; a model whose
+attention segments cannot compute (a sliding window the rows exceed, logit soft-capping, attention
+sinks) falls back to it on its first forward, with a warning.
+
+The final hidden states of scored positions only go through the lm-head, chunk by chunk under
+activation checkpointing, so the full batch × sequence × vocabulary logits tensor is never built,
+in forward or in backward.
 
 We go through the model's own forward (with `logits_to_keep=1`, and a detached last position as
 its lm-head's input, which makes its own head's work negligible and keeps nothing for the backward)
@@ -15,11 +26,18 @@ in any ordinary forward.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from prefopt.modeling import attention
+
+ATTENTION_PATHS = ("segments", "dense")  # train.attention; see the module docstring
+
+log = logging.getLogger("prefopt")
 
 
 def unwrap(model):
@@ -36,6 +54,23 @@ def adapter_disabled(model, disabled: bool = True):
     if disabled and hasattr(model, "disable_adapter"):
         return model.disable_adapter()
     return contextlib.nullcontext()
+
+
+def set_attention(model, path: str) -> None:
+    """Make the engine compute `model`'s attention by `path` ("segments" or "dense"; see the module
+    docstring). "segments" applies to sdpa models; others keep the dense path."""
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"attention path must be one of {', '.join(ATTENTION_PATHS)}, found {path!r}")
+    unwrap(model)._prefopt_attention = path
+
+
+def attention_path(model) -> str:
+    """The path the engine takes for `model`: "segments" when it is set (the default) and the
+    model's attention is sdpa (or already segment attention), else "dense"."""
+    causal_lm = unwrap(model)
+    wanted = getattr(causal_lm, "_prefopt_attention", "segments")
+    sdpa = causal_lm.config._attn_implementation in ("sdpa", attention.NAME)
+    return "segments" if wanted == "segments" and sdpa else "dense"
 
 
 def attention_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor, boolean: bool, dtype=torch.float32) -> torch.Tensor:
@@ -106,10 +141,12 @@ def sequence_logps(model, batch: dict, chunk: int = 1024, sq_mass: bool = False)
     causal_lm = unwrap(model)
     decoder = causal_lm.get_decoder()
     lm_head = causal_lm.get_output_embeddings()
-    boolean = causal_lm.config._attn_implementation == "sdpa"
-    dtype = next(causal_lm.parameters()).dtype
-    mask = attention_mask(batch["doc_ids"], batch["branch_ids"], boolean, dtype)
-    decoder_output = _decoder_output(model, decoder, batch, mask)
+    try:
+        decoder_output = _decoder_output(model, decoder, batch, _attention_inputs(causal_lm, batch))
+    except attention.Unsupported as e:  # raised by the first attention call that meets it
+        log.warning("%s: the log-prob engine uses the dense attention mask for this model", e)
+        set_attention(causal_lm, "dense")
+        decoder_output = _decoder_output(model, decoder, batch, _attention_inputs(causal_lm, batch))
     hidden = decoder_output.flatten(0, 1)[batch["score_src"]]
     tok = token_logps(hidden, lm_head, batch["score_tgt"], chunk, sq_mass=sq_mass)
     sq = None
@@ -118,19 +155,37 @@ def sequence_logps(model, batch: dict, chunk: int = 1024, sq_mass: bool = False)
     return _per_sequence_sums(batch, tok, sq)
 
 
-def _decoder_output(model, decoder, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+def _attention_inputs(causal_lm, batch: dict) -> dict:
+    """The forward's attention arguments for the batch. Segments: the row layout for segment
+    attention, and an all-true 2D mask, so that transformers builds no mask (with none it would
+    read the restarting positions as packed sequences and build a dense one). Dense: the 4D mask."""
+    doc_ids, branch_ids = batch["doc_ids"], batch["branch_ids"]
+    if attention_path(causal_lm) == "segments":
+        attention.use_segments(causal_lm)
+        return {
+            "attention_mask": torch.ones(doc_ids.shape, dtype=torch.bool, device=doc_ids.device),
+            attention.KWARG: attention.layout(doc_ids, branch_ids),
+        }
+    boolean = causal_lm.config._attn_implementation in ("sdpa", attention.NAME)
+    dtype = next(causal_lm.parameters()).dtype
+    return {"attention_mask": attention_mask(doc_ids, branch_ids, boolean, dtype)}
+
+
+def _decoder_output(model, decoder, batch: dict, attention_inputs: dict) -> torch.Tensor:
     """The decoder's final hidden states [R, T, H] from one forward of `model` through its own
     forward (with `logits_to_keep=1`), captured by a hook on `decoder`."""
     captured = {}
     handle = decoder.register_forward_hook(_capture_hook(captured))
+    segments = attention.KWARG in attention_inputs
     try:
-        model(
-            input_ids=batch["input_ids"],
-            attention_mask=mask,
-            position_ids=batch["position_ids"],
-            logits_to_keep=1,
-            use_cache=False,
-        )
+        with attention.expecting_layout() if segments else contextlib.nullcontext():
+            model(
+                input_ids=batch["input_ids"],
+                position_ids=batch["position_ids"],
+                logits_to_keep=1,
+                use_cache=False,
+                **attention_inputs,
+            )
     finally:
         handle.remove()
     return captured["h"]

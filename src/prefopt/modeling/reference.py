@@ -33,7 +33,7 @@ from prefopt import losses
 from prefopt.data.collate import responses_of, row_length
 from prefopt.errors import PrefoptError
 from prefopt.modeling import load
-from prefopt.modeling.logprobs import adapter_disabled, collated_logps, sequence_logps
+from prefopt.modeling.logprobs import adapter_disabled, attention_path, collated_logps, sequence_logps
 
 log = logging.getLogger("prefopt")
 
@@ -256,10 +256,15 @@ def _alive(pid: int) -> bool:
 
 def _cache_path(model, examples: list[dict], collator, cache_dir, autocast_dtype, chunk: int) -> Path:
     """CACHE_DIR/<key>.safetensors, the key covering the reference weights, the token ids, the
-    layout, the precision and the token subset (with its seed for SamPO's sample)."""
+    layout, the precision, the token subset (with its seed for SamPO's sample) and, under autocast,
+    the attention path (segment attention and the dense mask agree bit for bit in float32 but only
+    to bf16 rounding under autocast: 0.2-0.3 nats on 1,000-nat sums, measured)."""
+    attention = f"|attention={attention_path(model)}" if autocast_dtype is not None else ""
     key = data_fingerprint(
         examples,
-        f"{weights_fingerprint(model)}|{collator.prefix_sharing}|{autocast_dtype}|{chunk}" + _subset_key(collator),
+        f"{weights_fingerprint(model)}|{collator.prefix_sharing}|{autocast_dtype}|{chunk}"
+        + _subset_key(collator)
+        + attention,
     )
     return Path(cache_dir) / f"{key}.safetensors"
 

@@ -39,6 +39,7 @@ RESUMABLE_KEYS = (
     "train.gradient_checkpointing",  # exact (tested equal to no checkpointing): memory, not maths
     "train.lm_head_chunk",  # exact: memory
     "train.prefix_sharing",  # exact: speed
+    "train.attention",  # exact in float32 (bit for bit), bf16 rounding under autocast: speed, memory
     "train.logging_steps",
     "train.save_steps",
     "train.save_total_limit",

@@ -24,6 +24,7 @@ from prefopt.errors import PrefoptError
 from prefopt.files import write_text_atomic
 from prefopt.modeling import load
 from prefopt.modeling.checkpointing import checkpoint_mlps
+from prefopt.modeling.logprobs import set_attention
 from prefopt.training import checkpoints
 from prefopt.training.monitor import FailureMonitor
 from prefopt.training.trainer import JsonlMetrics, PreferenceTrainer
@@ -53,7 +54,8 @@ def seed_everything(seed: int) -> None:
 def build_model(cfg: Config, path: str, model=None):
     """The model to train: `model` as given, or loaded from `path` with cfg.model's options; a LoRA
     adapter added when cfg.lora.enabled (unless it is a peft model already), and MLP-only
-    checkpointing applied for gradient_checkpointing: mlp."""
+    checkpointing applied for gradient_checkpointing: mlp; the engine's attention path is
+    train.attention."""
     if model is None:
         model = load.load_configured(path, cfg.model)
     if hasattr(model, "disable_adapter"):  # a peft model: its adapter is what trains
@@ -65,6 +67,7 @@ def build_model(cfg: Config, path: str, model=None):
             "train.gradient_checkpointing: mlp found no '*.mlp' modules in this model; nothing is "
             "checkpointed (use true for whole layers)"
         )
+    set_attention(model, cfg.train.attention)
     return model
 
 
@@ -143,6 +146,8 @@ def make_trainer(
     if args.should_save:
         _keep_metrics_up_to(metrics_path, resume_step)
     loss_kwargs = {k: getattr(cfg.loss, k) for k in spec.hyperparameters}
+    if ref_model is not None:
+        set_attention(ref_model, cfg.train.attention)
     return PreferenceTrainer(
         model=model,
         args=args,
