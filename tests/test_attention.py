@@ -238,6 +238,7 @@ def test_plain_forwards_are_sdpa_after_the_switch(tiny_dir):
     """A switched model is sdpa for every forward without a layout: a plain forward, a left-padded
     batch with its 2D mask, and generation from it."""
     model = load_model(tiny_dir, dtype="float32").eval()
+    set_attention(model, "segments")
     ids = torch.tensor([[2, 2, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     with torch.no_grad():
@@ -271,6 +272,7 @@ def test_unsupported_attention_falls_back_to_dense(tmp_path, caplog):
     MistralForCausalLM(cfg).save_pretrained(tmp_path)
     model = load_model(str(tmp_path), dtype="float32").eval()
     batch = Collator(2)(make_examples("paired", n=3))
+    set_attention(model, "segments")
     assert logprobs.attention_path(model) == "segments"
     with torch.no_grad(), caplog.at_level("WARNING", logger="prefopt"):
         first = sequence_logps(model, batch, 3)["logps"]
@@ -286,6 +288,7 @@ def test_model_that_drops_the_layout_falls_back_to_dense(tiny_dir, caplog):
     models): the first attention call without the layout stops the forward, and the engine takes
     the dense path, not plain causal attention over the whole row."""
     model = load_model(tiny_dir, dtype="float32").eval()
+    set_attention(model, "segments")
     for layer in model.model.layers:
 
         def forward(*args, _inner=layer.self_attn.forward, **kwargs):
@@ -303,11 +306,16 @@ def test_model_that_drops_the_layout_falls_back_to_dense(tiny_dir, caplog):
 
 
 def test_path_choice(tiny_dir, tiny_model):
-    """Segments for sdpa models unless set dense; eager (and other implementations) always dense."""
+    """Dense by default; segments for sdpa models when set; eager (and other implementations)
+    always dense."""
     model = load_model(tiny_dir, dtype="float32")
+    assert logprobs.attention_path(model) == "dense"
+    set_attention(model, "segments")
     assert logprobs.attention_path(model) == "segments"
     set_attention(model, "dense")
     assert logprobs.attention_path(model) == "dense"
+    set_attention(eager := load_model(tiny_dir, dtype="float32", attn_implementation="eager"), "segments")
+    assert logprobs.attention_path(eager) == "dense"
     eager = load_model(tiny_dir, dtype="float32", attn_implementation="eager")
     assert logprobs.attention_path(eager) == "dense"
     with pytest.raises(ValueError, match="attention path must be one of segments, dense"):
@@ -317,12 +325,12 @@ def test_path_choice(tiny_dir, tiny_model):
 
 
 def test_train_attention_key(tiny_dir):
-    """train.attention: segments by default, dense on request (the model built for training gets
+    """train.attention: dense by default, segments on request (the model built for training gets
     it), anything else refused naming the key."""
-    assert config.from_dict({}).train.attention == "segments"
-    cfg = config.from_dict({"train": {"attention": "dense"}})
-    assert logprobs.attention_path(build_model(cfg, tiny_dir)) == "dense"
-    assert logprobs.attention_path(build_model(config.from_dict({}), tiny_dir)) == "segments"
+    assert config.from_dict({}).train.attention == "dense"
+    cfg = config.from_dict({"train": {"attention": "segments"}})
+    assert logprobs.attention_path(build_model(cfg, tiny_dir)) == "segments"
+    assert logprobs.attention_path(build_model(config.from_dict({}), tiny_dir)) == "dense"
     with pytest.raises(PrefoptError, match="train.attention.*must be segments or dense, found 'flash'"):
         config.from_dict({"train": {"attention": "flash"}}, "cfg.yaml")
 
@@ -375,14 +383,14 @@ def test_no_t_squared_tensor_at_2048(tiny_dir):
     ]
     batch = Collator(2)(examples)
     assert batch["input_ids"].shape[1] == T
-    assert logprobs.attention_path(model) == "segments"  # the default
+    set_attention(model, "segments")
     largest = {}
-    for path in ("default", "dense"):
+    for path in ("segments", "dense"):
         if path == "dense":
             set_attention(model, "dense")
         model.zero_grad()
         with _LargestTensor() as seen:
             sequence_logps(model, batch, 64)["logps"].sum().backward()
         largest[path] = (seen.largest, seen.op)
-    assert largest["default"][0] < T * T, largest
+    assert largest["segments"][0] < T * T, largest
     assert largest["dense"][0] >= T * T, largest

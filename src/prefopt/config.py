@@ -186,9 +186,9 @@ class TrainConfig:
     prefix_sharing: bool = _key(True, "prompt computed once per pair: [prompt | chosen | rejected]")
     lm_head_chunk: int = _key(1024, "tokens per lm-head chunk; 0: unchunked")
     attention: str = _key(
-        "segments",
-        "segments: each response attends to its prompt and itself by plain causal SDPA calls, no T×T mask "
-        "(sdpa models; other attention implementations use dense) | dense: one T×T mask per row",
+        "dense",
+        "dense: one T×T mask per row | segments: each response attends to its prompt and itself by plain "
+        "causal SDPA calls, no T×T mask (sdpa models; other attention implementations use dense)",
     )
     logging_steps: int = _key(1, "log metrics every N steps")
     save_steps: int = _key(500, "checkpoint every N steps (what --resume continues from); 0: none")
