@@ -139,8 +139,9 @@ def paired_population(spec, p=None, mu=PREF, replicate=False, **kw):
     return loss
 
 
-def lbfgs(loss, init=None, iters=500):
-    theta = (LREF if init is None else init).clone().requires_grad_(True)
+def minimise(loss, init, iters=500):
+    """L-BFGS (strong Wolfe) on a parameter vector; returns the minimiser."""
+    theta = init.clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
         [theta],
         lr=1,
@@ -158,7 +159,12 @@ def lbfgs(loss, init=None, iters=500):
         return v
 
     opt.step(closure)
-    return torch.softmax(theta.detach(), 0)
+    return theta.detach()
+
+
+def lbfgs(loss, init=None, iters=500):
+    """The policy softmax(θ) at the minimiser of `loss`, from θ = log π_ref unless `init`."""
+    return torch.softmax(minimise(loss, LREF if init is None else init, iters), 0)
 
 
 def gd_gaps(loss, lr, checkpoints):

@@ -54,27 +54,7 @@ def t(x):
     return torch.tensor(x, dtype=DT)
 
 
-def minimise(loss, init, iters=500):
-    """L-BFGS (strong Wolfe) on a parameter vector; returns the minimiser."""
-    theta = init.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [theta],
-        lr=1,
-        max_iter=iters,
-        history_size=50,
-        tolerance_grad=1e-12,
-        tolerance_change=1e-15,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        opt.zero_grad()
-        v = loss(theta)
-        v.backward()
-        return v
-
-    opt.step(closure)
-    return theta.detach()
+minimise = tab.minimise
 
 
 # --------------------------------------------------------------------------------------------
