@@ -236,10 +236,11 @@ def test_evaluation_does_not_advance_the_loss_state(tiny_dir, data_file, tmp_pat
     trainer, batch, _ = sampo_trainer(tiny_dir, data_file, tmp_path, models, examples, tok, {"name": "beta_dpo"})
     policy = models[1]
     assert isinstance(trainer.loss_state, losses.BetaDPOState) and trainer.loss_state.gather is None  # one process
-    before = trainer.loss_state.to_dict()
+    before, rng = trainer.loss_state.to_dict(), torch.get_rng_state()
     with torch.no_grad():
         trainer.compute_loss(policy, batch)  # eval mode (the fixture's models are in eval mode)
     assert trainer.loss_state.to_dict() == before
+    assert torch.equal(torch.get_rng_state(), rng)  # every pair kept in evaluation: no random draw
     policy.train()
     try:
         with torch.no_grad():
@@ -502,3 +503,9 @@ def test_tr_dpo_under_ddp_equals_one_process(tmp_path, tiny_dir):
     ddp = torchrun(tmp_path, {**base_config(tmp_path, tiny_dir, PAIRS16, "tr-ddp", batch_size=2), "loss": loss}, 2)
     one = in_process({**base_config(tmp_path, tiny_dir, PAIRS16, "tr-one", batch_size=4), "loss": loss})
     same_run(one, ddp, keys)  # steps 3 and 4 score against the reference moved at step 2
+
+
+def test_losses_that_cannot_be_summed_are_a_config_error():
+    for weights in ({"bco_pair": 1.0, "beta_dpo": 1.0}, {"sigmoid": 1.0, "sampo": 1.0}):
+        with pytest.raises(PrefoptError, match=r"cfg.yaml: 'loss.weights' combine: "):
+            config.from_dict({"loss": {"name": "combine", "weights": weights}}, "cfg.yaml")

@@ -308,3 +308,18 @@ def test_plain_path_without_privileges(monkeypatch):
     assert (r.passed, r.total, r.isolation) == (3, 4, ())
     assert run_tests("import time\ntime.sleep(100)\n", ["pass"], **FAST).reason == "timeout"
     assert run_tests("x = bytearray(2 * 2**30)\n", ["pass"], **FAST).reason == "memory"
+
+
+def test_malformed_reports_score_zero_and_never_crash_the_caller():
+    """Records come from the sandboxed program, which can learn the nonce: a line nested too deep
+    for json, or a record of the wrong shape, is dropped or read as a tampered report (score 0),
+    never an exception in the caller."""
+    nonce = "n" * 32
+    assert sandbox._records((nonce + "[" * 200_000 + "\n").encode(), nonce) == []
+    setup = {"setup": ["user"]}
+    for forged in (
+        [setup, {"worker": {"signal": [1]}}],  # an unhashable signal
+        [setup, {"candidate": None}, {"test": 0, "error": None}, {"test": [0]}, {"done": True}],
+    ):
+        result = sandbox._result({"records": forged, "output": b"", "stop": None}, 1, 0.1)
+        assert (result.passed, result.score, result.reason) == (0, 0.0, "report tampered"), forged

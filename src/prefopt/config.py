@@ -734,7 +734,10 @@ def resolve_loss(loss: LossConfig, source: str = "config"):
     where the config's loss name is looked up; a PrefoptError naming the key otherwise."""
     if loss.name == COMBINE:
         parts = _combine_parts(loss, source)
-        return losses.combine(parts, name=f"{COMBINE}(" + " + ".join(f"{w:g}·{n}" for n, w in parts) + ")")
+        try:
+            return losses.combine(parts, name=f"{COMBINE}(" + " + ".join(f"{w:g}·{n}" for n, w in parts) + ")")
+        except ValueError as e:  # parts that cannot be summed (different states or token subsets)
+            raise PrefoptError(f"{source}: 'loss.weights' {e}") from None
     key = losses.ALIASES.get(loss.name, loss.name)
     if key not in losses.REGISTRY:
         raise PrefoptError(

@@ -1055,6 +1055,9 @@ class LossSpec:
     # the reference moves during training (TR-DPO): the caller keeps a reference model and every
     # tr_tau optimizer steps moves each of its weights with `mix_reference(ref, policy, tr_alpha)`
     moving_reference: bool = False
+    # hyperparameters that evaluation uses instead of the run's (β-DPO: ρ = 1, every pair kept, so
+    # evaluating neither draws at random nor advances the training RNG)
+    eval_hyperparameters: dict = field(default_factory=dict, compare=False)
 
     @property
     def stateful(self) -> bool:
@@ -1127,7 +1130,7 @@ _SPECS = [
     _spec("dpop", dpop),
     _spec("cal_dpo", cal_dpo),
     _spec("sampo", sampo, token_subset="sample"),
-    _spec("beta_dpo", beta_dpo, state_class=BetaDPOState),
+    _spec("beta_dpo", beta_dpo, state_class=BetaDPOState, eval_hyperparameters={"beta_dpo_rho": 1.0}),
     _spec("tr_dpo", tr_dpo, moving_reference=True),
     _spec("sigmoid_ref_free", sigmoid_ref_free, needs_reference=False),
     _spec("simpo", simpo, needs_reference=False, per_token_reward=True),
@@ -1236,6 +1239,7 @@ def combine(parts: Iterable[tuple], name: Optional[str] = None) -> LossSpec:
         per_pair=all(s.per_pair for s, _ in specs),
         token_subset=next(iter(subsets)),
         moving_reference=any(s.moving_reference for s, _ in specs),
+        eval_hyperparameters={k: v for s, _ in specs for k, v in s.eval_hyperparameters.items()},
     )
 
 

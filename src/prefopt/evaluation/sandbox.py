@@ -43,6 +43,7 @@ import ctypes
 import fcntl
 import grp
 import json
+import logging
 import math
 import os
 import platform
@@ -70,7 +71,9 @@ from prefopt.errors import PrefoptError
 # entry is skipped.
 SANDBOX_UID = 65100
 SLOTS = 64
+_SLOT_WAIT = 120.0  # seconds a run waits for a free sandbox user id before SandboxError
 _LOCK_DIR = Path("/run/prefopt-sandbox") if os.path.isdir("/run") else Path(tempfile.gettempdir()) / "prefopt-sandbox"
+log = logging.getLogger("prefopt")
 _SRC = Path(__file__).resolve().parents[2]  # the folder holding the prefopt package
 _BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from prefopt.evaluation.sandbox import _launcher; _launcher()"
 _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
@@ -269,10 +272,30 @@ def _run(code: str, tests: list[str], entry_point: Optional[str], limits: Limits
         raise PrefoptError(f"run_tests: code must be a string, found {type(code).__name__}.")
     if entry_point is not None and not (isinstance(entry_point, str) and entry_point.isidentifier()):
         raise PrefoptError(f"run_tests: entry_point must be a Python name, found {entry_point!r}.")
-    start = time.monotonic()
     with _sandbox_user() as uid:
+        start = time.monotonic()  # after the wait for a free sandbox user: that is not the run's time
         raw = _supervise({"code": code, "tests": tests, "entry_point": entry_point}, limits, uid, start)
-    return _result(raw, len(tests), time.monotonic() - start)
+    result = _result(raw, len(tests), time.monotonic() - start)
+    _warn_if_weak(result.isolation)
+    return result
+
+
+_ESSENTIAL = ("user", "network", "filesystem")  # without these the code runs as the caller, online
+_warned_weak = False
+
+
+def _warn_if_weak(isolation: tuple) -> None:
+    """Once per process: a warning when a run lacked an essential isolation (not root, or the
+    kernel refused namespaces), naming what was missing (docs/code.md says what each one is)."""
+    global _warned_weak
+    missing = [m for m in _ESSENTIAL if m not in isolation]
+    if missing and not _warned_weak:
+        _warned_weak = True
+        log.warning(
+            "the code sandbox runs without %s isolation here (it needs root and Linux namespaces): candidate "
+            "code runs with rlimits, timeouts and a process-group kill only; see docs/code.md",
+            ", ".join(missing),
+        )
 
 
 def _supervise(job: dict, limits: Limits, uid: Optional[int], start: float) -> dict:
@@ -386,7 +409,7 @@ def _records(report: bytes, nonce: str) -> list[dict]:
     records = []
     for line in report.decode("utf-8", "replace").splitlines():
         if line.startswith(nonce):
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):  # nesting too deep: RecursionError
                 rec = json.loads(line[len(nonce) :])
                 if isinstance(rec, dict):
                     records.append(rec)
@@ -423,15 +446,23 @@ def _result(raw: dict, total: int, seconds: float) -> Result:
     if not any("setup" in r for r in records) and stop is None:
         status = raw.get("launcher")
         raise SandboxError(f"the sandbox did not start (launcher {_describe_status(status)}): {output[-1500:]}")
-    candidate = next((r for r in records if "candidate" in r), None)
-    outcomes = [r for r in records if "test" in r]
-    done = any("done" in r for r in records)
 
     def failed(reason: str) -> Result:
         return Result(0, total, reason, round(seconds, 3), (reason,) * total, output, setup)
 
     if stop is not None:
         return failed(stop)
+    try:  # the records come from the sandboxed program: any that are malformed score 0
+        return _verdict(records, total, seconds, output, setup, failed)
+    except (TypeError, KeyError, AttributeError, ValueError, RecursionError):
+        return failed("report tampered")
+
+
+def _verdict(records: list, total: int, seconds: float, output: str, setup: tuple, failed) -> Result:
+    """The Result of a run that was not stopped from outside, from its verified records."""
+    candidate = next((r for r in records if "candidate" in r), None)
+    outcomes = [r for r in records if "test" in r]
+    done = any("done" in r for r in records)
     if any("abandoned" in r for r in records):
         return failed("timeout")
     if any("exit" in r for r in records):
@@ -459,6 +490,8 @@ def _describe_worker(ended: Optional[dict]) -> str:
         return "crashed"
     if ended.get("signal"):
         sig = ended["signal"]
+        if not isinstance(sig, int):
+            return "report tampered"
         named = {signal.SIGXCPU: "cpu limit", signal.SIGXFSZ: "file size limit"}
         return named.get(sig, f"killed by signal {sig}")
     return f"exit (status {ended.get('exit')})"
@@ -488,7 +521,13 @@ def _sandbox_user():
     st = _LOCK_DIR.lstat()
     if st.st_uid != 0 or st.st_mode & 0o022 or not _LOCK_DIR.is_dir() or _LOCK_DIR.is_symlink():
         raise SandboxError(f"{_LOCK_DIR} must be a folder owned by root and writable by root only.")
+    give_up = time.monotonic() + _SLOT_WAIT
     while True:
+        if time.monotonic() > give_up:
+            raise SandboxError(
+                f"no free sandbox user id in {SANDBOX_UID}-{SANDBOX_UID + SLOTS - 1} after {_SLOT_WAIT:.0f} s: "
+                f"every one is named on this machine or held by a run (lock files in {_LOCK_DIR})."
+            )
         for slot in range(SLOTS):
             uid = SANDBOX_UID + slot
             if _id_taken(uid):
@@ -656,7 +695,7 @@ def _private_filesystem(libc, job: dict) -> bool:
     libc.syscall.restype = ctypes.c_long
     if libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
         return False
-    tmp = f"size={int(limits['disk_mb'])}m,nr_inodes=4096,mode=1777".encode()
+    tmp = f"size={max(1024, math.ceil(limits['disk_mb'] * 1024))}k,nr_inodes=4096,mode=1777".encode()
     if libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, tmp) != 0:
         return False
     if os.path.isdir("/dev/shm"):

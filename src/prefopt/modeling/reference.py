@@ -256,10 +256,11 @@ def _alive(pid: int) -> bool:
 
 def _cache_path(model, examples: list[dict], collator, cache_dir, autocast_dtype, chunk: int) -> Path:
     """CACHE_DIR/<key>.safetensors, the key covering the reference weights, the token ids, the
-    layout, the precision, the token subset (with its seed for SamPO's sample) and, under autocast,
-    the attention path (segment attention and the dense mask agree bit for bit in float32 but only
-    to bf16 rounding under autocast: 0.2-0.3 nats on 1,000-nat sums, measured)."""
-    attention = f"|attention={attention_path(model)}" if autocast_dtype is not None else ""
+    layout, the precision, the token subset (with its seed for SamPO's sample) and the attention
+    path when it is segment attention (it agrees with the dense mask bit for bit in float32, but only
+    to rounding in bf16 — autocast or bf16 weights: 0.2-0.3 nats on 1,000-nat sums, measured); the
+    dense path's key is that of earlier versions."""
+    attention = "|attention=segments" if attention_path(model) == "segments" else ""
     key = data_fingerprint(
         examples,
         f"{weights_fingerprint(model)}|{collator.prefix_sharing}|{autocast_dtype}|{chunk}"

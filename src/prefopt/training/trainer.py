@@ -263,6 +263,13 @@ class PreferenceTrainer(Trainer):
             return subset
         return losses.ld_logps(subset, out["logps"] - subset, self.ld_alpha)
 
+    def _hyper(self, training: bool) -> dict:
+        """The loss's hyperparameters: this run's, with the spec's `eval_hyperparameters` on top in
+        evaluation (β-DPO keeps every pair there: no random draw, no training RNG consumed)."""
+        if training or not self.loss_spec.eval_hyperparameters:
+            return self.loss_kwargs
+        return {**self.loss_kwargs, **self.loss_spec.eval_hyperparameters}
+
     def _new_loss_state(self):
         """A fresh state of a stateful loss (None for the others). Under data parallelism its update
         folds in the values gathered from every process, so all keep the same state (the
@@ -292,7 +299,7 @@ class PreferenceTrainer(Trainer):
             ref_out = reference.outputs(model, inputs, self.ref_model, self.lm_head_chunk, precomputed=precomputed)
             ref = self._loss_logps(ref_out).to(out["logps"].dtype)
         logps = self._loss_logps(out)
-        extra = {}
+        extra = dict(self._hyper(model.training))  # the hyperparameters, then the state
         if self.loss_state is not None:  # evaluation uses the running state without advancing it
             extra["state"] = self._loss_state_for(model.training)
         if self.loss_spec.paired:
@@ -324,9 +331,7 @@ class PreferenceTrainer(Trainer):
     def _paired(self, model, out: dict, logps, ref, extra: dict):
         """(per-pair losses, WPO weights or None, metrics) of a batch of (chosen, rejected) rows."""
         (logp_c, logp_r), (len_c, len_r), (ref_c, ref_r) = _split(logps, 2), _split(out["lengths"], 2), _split(ref, 2)
-        per_example = self.loss_spec.fn(
-            logp_c, logp_r, ref_c, ref_r, len_c=len_c, len_r=len_r, **self.loss_kwargs, **extra
-        )
+        per_example = self.loss_spec.fn(logp_c, logp_r, ref_c, ref_r, len_c=len_c, len_r=len_r, **extra)
         stats = self._pair_stats(logp_c, logp_r, ref_c, ref_r, len_c, len_r)
         if model.training and ref is not None:
             self._reward_length.append(
@@ -355,9 +360,7 @@ class PreferenceTrainer(Trainer):
         if self.accelerator.num_processes > 1 and kl_ref is not None:  # z0 from the global batch
             kl_logp = self.accelerator.gather(kl_logp.detach())
             kl_ref = self.accelerator.gather(kl_ref)
-        per_example = self.loss_spec.fn(
-            logp, ref_a, label, kl_logp=kl_logp, kl_ref_logp=kl_ref, len=length, **self.loss_kwargs, **extra
-        )
+        per_example = self.loss_spec.fn(logp, ref_a, label, kl_logp=kl_logp, kl_ref_logp=kl_ref, len=length, **extra)
         return per_example, self._unpaired_stats(label, logp, ref_a, length, kl_logp, kl_ref)
 
     def _record(self, stats: dict, split_name: str) -> None:
@@ -474,7 +477,14 @@ class PreferenceTrainer(Trainer):
         if self.moving_reference is None:
             return
         if (checkpoint / REFERENCE_FILE).is_file():
-            self.moving_reference.load_state_dict(load_file(str(checkpoint / REFERENCE_FILE)))
+            try:
+                self.moving_reference.load_state_dict(load_file(str(checkpoint / REFERENCE_FILE)))
+            except ValueError as e:  # another model or LoRA layout (a resume with --force)
+                raise PrefoptError(
+                    f"{checkpoint / REFERENCE_FILE}: {e}; the checkpoint's moving reference does not fit this "
+                    "run's model (another model, or other lora.target_modules). Resume with the checkpoint's "
+                    "settings, or start a new run."
+                ) from None
         else:  # a checkpoint of a run with another loss, resumed with --force
             log.warning("%s holds no %s; the moving reference starts from the model", checkpoint, REFERENCE_FILE)
 
