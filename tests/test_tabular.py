@@ -53,13 +53,22 @@ def _setup_and_table():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    if ROWS:
-        w0 = max(len(r[0]) for r in ROWS)
-        w1 = max(len(r[1]) for r in ROWS)
-        print("\n\ntabular results (K=5, β=0.5, μ=π_ref, π*_DPO = π_ref·exp(r/β)/Z)")
-        print(f"{'loss':<{w0}}  {'KL(π*_DPO‖π)':<{w1}}  outcome")
-        for name, kl_s, outcome in ROWS:
-            print(f"{name:<{w0}}  {kl_s:<{w1}}  {outcome}")
+    print_table(
+        "tabular results (K=5, β=0.5, μ=π_ref, π*_DPO = π_ref·exp(r/β)/Z)", ROWS, ("loss", "KL(π*_DPO‖π)", "outcome")
+    )
+
+
+def print_table(title: str, rows: list, header=None) -> None:
+    """The (name, measure, outcome) rows collected by a module's tests, printed under `title`
+    (seen with `pytest -s`)."""
+    if not rows:
+        return
+    lines = ([header] if header else []) + rows
+    w0 = max(len(r[0]) for r in lines)
+    w1 = max(len(r[1]) for r in lines)
+    print(f"\n\n{title}")
+    for name, measure, outcome in lines:
+        print(f"{name:<{w0}}  {measure:<{w1}}  {outcome}")
 
 
 # --------------------------------------------------------------------------------------------

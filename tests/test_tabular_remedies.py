@@ -42,19 +42,10 @@ def _setup_and_table():
     torch.set_num_threads(1)  # tiny tensors
     yield
     torch.set_num_threads(threads)
-    if ROWS:
-        w0 = max(len(r[0]) for r in ROWS)
-        w1 = max(len(r[1]) for r in ROWS)
-        print("\n\ntabular remedies (β = 0.5)")
-        for name, measure, outcome in ROWS:
-            print(f"{name:<{w0}}  {measure:<{w1}}  {outcome}")
+    tab.print_table("tabular remedies (β = 0.5)", ROWS)
 
 
-def t(x):
-    return torch.tensor(x, dtype=DT)
-
-
-minimise = tab.minimise
+t, minimise = tab.t, tab.minimise
 
 
 # --------------------------------------------------------------------------------------------

@@ -820,6 +820,15 @@ def moving_reference_precompute_error(loss_name: str, key: str, remedy: str) -> 
     )
 
 
+def token_subset_conflict_error(loss_name: str, token_subset: str, key: str, remedy: str) -> str:
+    """The message for LD-DPO (`key`, its ld_alpha) asked for with loss `loss_name`, which scores
+    its own token subset; `remedy` says what to write instead."""
+    return (
+        f"{key} (LD-DPO's shared-length prefix) and loss '{loss_name}', which scores its own token subset "
+        f"({token_subset}), both choose the tokens the loss sees; {remedy}."
+    )
+
+
 def _bad(source: str, key: str, msg: str):
     raise PrefoptError(f"{source}: '{key}' {msg}")
 
@@ -899,13 +908,10 @@ def _validate_loss(loss: LossConfig, source: str) -> None:
         if on and not spec.paired:
             _bad(source, f"loss.{key}", f"modifies paired losses; loss '{spec.name}' is unpaired.")
     if loss.ld_alpha is not None and spec.token_subset is not None:
-        _bad(
-            source,
-            "loss.ld_alpha",
-            f"(LD-DPO's shared-length prefix) and loss '{spec.name}', which scores its own token subset "
-            f"({spec.token_subset}), both choose the tokens the loss sees; remove loss.ld_alpha or choose another "
-            "loss.",
+        message = token_subset_conflict_error(
+            spec.name, spec.token_subset, "'loss.ld_alpha'", "remove loss.ld_alpha or choose another loss"
         )
+        raise PrefoptError(f"{source}: {message}")
     if loss.ld_alpha is not None and not 0 <= loss.ld_alpha <= 1:
         _bad(
             source, "loss.ld_alpha", f"must be in [0, 1] (1 = plain, no length desensitisation), found {loss.ld_alpha}."

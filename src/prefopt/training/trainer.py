@@ -22,7 +22,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
 from prefopt import losses
-from prefopt.config import moving_reference_precompute_error
+from prefopt.config import moving_reference_precompute_error, token_subset_conflict_error
 from prefopt.data import formats
 from prefopt.data.collate import Collator, subset_mode
 from prefopt.data.examples import check_shape
@@ -85,8 +85,7 @@ def _check_modifiers(loss: losses.LossSpec, ld_alpha, wpo, precompute_reference)
         raise ValueError(f"ld_alpha / wpo modify paired losses; '{loss.name}' is unpaired")
     if ld_alpha is not None and loss.token_subset is not None:
         raise PrefoptError(
-            f"PreferenceTrainer: ld_alpha (LD-DPO's shared-length prefix) and loss '{loss.name}', which scores "
-            f"its own token subset ({loss.token_subset}), both choose the tokens the loss sees; give one."
+            "PreferenceTrainer: " + token_subset_conflict_error(loss.name, loss.token_subset, "ld_alpha", "give one")
         )
     if loss.moving_reference and precompute_reference:
         raise PrefoptError(
