@@ -139,12 +139,8 @@ def make_trainer(
     """The PreferenceTrainer for tokenized examples (with ref_logps attached if precomputed).
     OUT/metrics.jsonl starts afresh, or when resuming from step `resume_step` keeps its lines up
     to that step; `run_info` (the run's config and data fingerprint) is saved in every checkpoint."""
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     args = args or training_arguments(cfg, bf16)
-    metrics_path = out / "metrics.jsonl"
-    if args.should_save:
-        _keep_metrics_up_to(metrics_path, resume_step)
+    callbacks = callbacks_for(cfg, args, resume_step)
     loss_kwargs = {k: getattr(cfg.loss, k) for k in spec.hyperparameters}
     if ref_model is not None:
         set_attention(ref_model, cfg.train.attention)
@@ -164,8 +160,20 @@ def make_trainer(
         wpo_clamp=cfg.loss.wpo_clamp,
         run_info=run_info,
         precompute_reference=False,  # the recipe and the experiments attach it themselves (cached)
-        callbacks=[JsonlMetrics(metrics_path), FailureMonitor(), checkpoints.GracefulStop()],
+        callbacks=callbacks,
     )
+
+
+def callbacks_for(cfg: Config, args: TrainingArguments, resume_step: Optional[int] = None) -> list:
+    """The callbacks of every prefopt training job: OUT/metrics.jsonl (started afresh, or when
+    resuming from step `resume_step` kept up to that step), the failure monitor, and the graceful
+    stop on Ctrl-C / SIGTERM."""
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if args.should_save:
+        _keep_metrics_up_to(metrics_path, resume_step)
+    return [JsonlMetrics(metrics_path), FailureMonitor(), checkpoints.GracefulStop()]
 
 
 def _keep_metrics_up_to(path: Path, step: Optional[int]) -> None:

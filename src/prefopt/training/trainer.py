@@ -103,7 +103,138 @@ def _split(x, K: int):
     return x[0::K], (x[1::K] if K == 2 else None)
 
 
-class PreferenceTrainer(Trainer):
+class RunTrainer(Trainer):
+    """What every prefopt trainer adds to transformers.Trainer, whatever its loss: checkpoints
+    written aside and published whole, and only when every weight and optimizer moment is finite;
+    the run's identity (`run_info`) in each; a trainer's own state beyond transformers' saved with
+    each checkpoint and restored on resume (`save_extra_state` / `restore_extra_state`); the model
+    as safetensors with its training arguments as JSON (no pickle); metrics averaged over the
+    global batch (`_record`) and logged with the names TRL users know."""
+
+    def _init_run_state(self, run_info: Optional[dict]) -> None:
+        """The state every prefopt trainer keeps, and the settings it applies to the accelerator/model."""
+        self.run_info = run_info  # saved in every checkpoint (checkpoints.RUN_FILE); None: nothing saved
+        self.nonfinite_step: Optional[int] = None  # a save step whose weights or moments were not finite
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # bf16 autocast without its weight-cast cache: each weight is used once per forward, so the
+        # cache saves no work, but it keeps a bf16 copy of every weight until the forward ends, and
+        # under activation checkpointing (nothing else holds those copies) that is ~0.1 GB of peak
+        # RSS for SmolLM2-135M (measured; the maths is unchanged)
+        self.accelerator.autocast_handler = AutocastKwargs(cache_enabled=False)
+        if self.accelerator.distributed_type == DistributedType.NO:  # see sparse_embedding.py
+            sparse_tied_embedding_grads(self.model)
+
+    def save_extra_state(self, folder: Path) -> None:
+        """Write what this trainer keeps beyond transformers' state into the checkpoint `folder`."""
+
+    def save_process_state(self, folder: Path) -> None:
+        """Write what each process keeps of its own into the checkpoint `folder` (every process calls it)."""
+
+    def restore_extra_state(self, checkpoint: Path) -> None:
+        """Read back what save_extra_state and save_process_state wrote into `checkpoint`."""
+
+    def _record(self, stats: dict, split_name: str) -> None:
+        """Means over the global batch from one reduction of (sum, count) per metric: a rank's
+        batch may hold no desirable (or no undesirable) example, so sizes differ between ranks."""
+        keys = list(stats)
+        sums = torch.stack([stats[k].detach().float().sum() for k in keys])
+        counts = torch.tensor([float(stats[k].numel()) for k in keys], device=sums.device)
+        totals = torch.stack([sums, counts])
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, "sum")
+        for k, total, n in zip(keys, *totals.tolist()):
+            if n:
+                self._metrics[split_name][k].append(total / n)
+
+    # ---- checkpoints: atomic, and no pickle ----
+
+    def _save_checkpoint(self, model, trial):
+        """transformers' checkpoint, written into OUT/.partial and renamed into place only when
+        complete (see prefopt.training.checkpoints) — and only when every weight and optimizer
+        moment is finite: a non-finite state is never published; training stops instead."""
+        if not self.state_is_finite():
+            self.nonfinite_step = self.state.global_step
+            self.control.should_training_stop = True
+            return
+        run_dir = self.args.output_dir
+        name = f"{checkpoints.PREFIX}{self.state.global_step}"
+        staging = os.path.join(run_dir, checkpoints.STAGING)
+        if self.args.should_save:
+            checkpoints.clear_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+        keep, self.args.save_total_limit = self.args.save_total_limit, None
+        self.args.output_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+            self.save_process_state(Path(staging) / name)
+            if self.args.should_save:
+                self._save_prefopt_state(Path(staging) / name)
+        finally:
+            self.args.output_dir, self.args.save_total_limit = run_dir, keep
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are written
+        if self.args.should_save:
+            checkpoints.publish(Path(staging) / name, Path(run_dir) / name)
+            checkpoints.prune(run_dir, keep or 0)
+            checkpoints.clear_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _save_prefopt_state(self, folder: Path) -> None:
+        """What transformers does not save: the trainer's own state (save_extra_state) and the run's
+        identity (its config and data fingerprint, checked by --resume) with the verified-finite mark."""
+        self.save_extra_state(folder)
+        if self.run_info is not None:
+            (folder / checkpoints.RUN_FILE).write_text(json.dumps({**self.run_info, "finite": True}))
+
+    @torch.no_grad()
+    def state_is_finite(self) -> bool:
+        """Whether every trainable weight and every optimizer moment is finite, on every process."""
+        tensors = [p for p in self.model.parameters() if p.requires_grad]
+        if self.optimizer is not None:
+            tensors += [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        bad = torch.zeros((), device=self.args.device)
+        for x in tensors:
+            if x.is_floating_point():
+                bad = bad + (~torch.isfinite(x)).any().to(bad.device, bad.dtype)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        return bad.item() == 0
+
+    def restore_state(self, checkpoint) -> None:
+        """What _save_prefopt_state saved in `checkpoint` (restore_extra_state)."""
+        self.restore_extra_state(Path(checkpoint))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """transformers' train(); when resuming, prefopt's own state is restored first (restore_state)."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, (str, os.PathLike)):
+            self.restore_state(checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save(self, output_dir=None, state_dict=None):
+        """The model as safetensors (transformers' own save) and the training arguments as JSON
+        instead of the pickled training_args.bin, which nothing here reads."""
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            pickled = Path(output_dir) / "training_args.bin"
+            if pickled.exists():
+                pickled.unlink()
+            (Path(output_dir) / "training_args.json").write_text(self.args.to_json_string())
+
+    def log(self, logs: dict, start_time: Optional[float] = None) -> None:
+        """transformers' log, with the means of the metrics recorded since the last one."""
+        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if split == "eval" else ""
+        for k, v in self._metrics[split].items():
+            if v:
+                logs[prefix + k] = round(sum(v) / len(v), 6)
+        self._metrics[split].clear()
+        super().log(logs, start_time)
+
+
+class PreferenceTrainer(RunTrainer):
     """A transformers.Trainer whose loss is `loss` (a registered name or a LossSpec) with
     hyperparameters `loss_kwargs` (the loss's defaults for those not given). Used the way TRL's
     DPOTrainer is: `PreferenceTrainer(model, args, train_dataset=records, processing_class=tokenizer,
@@ -175,11 +306,10 @@ class PreferenceTrainer(Trainer):
         )
         self.loss_spec, self.loss_kwargs, self.ref_model = loss, dict(loss_kwargs), ref_model
         self.lm_head_chunk, self.ld_alpha, self.wpo, self.wpo_clamp = lm_head_chunk, ld_alpha, bool(wpo), wpo_clamp
-        self.run_info = run_info  # saved in every checkpoint (checkpoints.RUN_FILE); None: nothing saved
         self.moving_reference: Optional[reference.MovingReference] = None
         if loss.moving_reference:
             ref_model = self._start_moving_reference(ref_model)
-        self._init_state()
+        self._init_state(run_info)
         if ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         elif loss.needs_reference and precompute_reference is not False and not loss.moving_reference:
@@ -206,11 +336,10 @@ class PreferenceTrainer(Trainer):
         self.moving_reference.update(float(self.loss_kwargs["tr_alpha"]))
         return True
 
-    def _init_state(self) -> None:
-        """What the trainer keeps across steps, and the settings it applies to the accelerator/model."""
-        self.nonfinite_step: Optional[int] = None  # a save step whose weights or moments were not finite
+    def _init_state(self, run_info: Optional[dict]) -> None:
+        """What the trainer keeps across steps (RunTrainer's, and the loss's)."""
+        self._init_run_state(run_info)
         self.loss_state = self._new_loss_state()
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         # (implicit rewards, lengths) of recently trained batches, kept on the device (no sync per
         # step); rewards/length_corr is computed over their last LENGTH_CORR_SEQS sequences at log time
         self._reward_length: deque = deque(maxlen=LENGTH_CORR_SEQS)
@@ -221,13 +350,6 @@ class PreferenceTrainer(Trainer):
         # of accumulation steps (1 × 8 accumulated == 8 × 1), never rescale by token counts.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
-        # bf16 autocast without its weight-cast cache: each weight is used once per forward, so the
-        # cache saves no work, but it keeps a bf16 copy of every weight until the forward ends, and
-        # under activation checkpointing (nothing else holds those copies) that is ~0.1 GB of peak
-        # RSS for SmolLM2-135M (measured; the maths is unchanged)
-        self.accelerator.autocast_handler = AutocastKwargs(cache_enabled=False)
-        if self.accelerator.distributed_type == DistributedType.NO:  # see sparse_embedding.py
-            sparse_tied_embedding_grads(self.model)
 
     def _precompute_reference(self) -> None:
         """Reference log-probs for examples that lack them, from the model as it is now (it is the
@@ -362,19 +484,6 @@ class PreferenceTrainer(Trainer):
         per_example = self.loss_spec.fn(logp, ref_a, label, kl_logp=kl_logp, kl_ref_logp=kl_ref, len=length, **extra)
         return per_example, self._unpaired_stats(label, logp, ref_a, length, kl_logp, kl_ref)
 
-    def _record(self, stats: dict, split_name: str) -> None:
-        """Means over the global batch from one reduction of (sum, count) per metric: a rank's
-        batch may hold no desirable (or no undesirable) example, so sizes differ between ranks."""
-        keys = list(stats)
-        sums = torch.stack([stats[k].detach().float().sum() for k in keys])
-        counts = torch.tensor([float(stats[k].numel()) for k in keys], device=sums.device)
-        totals = torch.stack([sums, counts])
-        if self.accelerator.num_processes > 1:
-            totals = self.accelerator.reduce(totals, "sum")
-        for k, total, n in zip(keys, *totals.tolist()):
-            if n:
-                self._metrics[split_name][k].append(total / n)
-
     def rewards(self, logps, ref, lengths):
         """The implicit rewards of responses (losses.implicit_rewards with this run's loss)."""
         return losses.implicit_rewards(self.loss_spec, self.loss_kwargs, logps, ref, lengths)
@@ -411,66 +520,16 @@ class PreferenceTrainer(Trainer):
             stats["kl"] = (kl_logp - kl_ref).mean().clamp(min=0)[None]  # KL over the global batch
         return stats
 
-    # ---- checkpoints: atomic, and no pickle ----
-
-    def _save_checkpoint(self, model, trial):
-        """transformers' checkpoint, written into OUT/.partial and renamed into place only when
-        complete (see prefopt.training.checkpoints) — and only when every weight and optimizer
-        moment is finite: a non-finite state is never published; training stops instead."""
-        if not self.state_is_finite():
-            self.nonfinite_step = self.state.global_step
-            self.control.should_training_stop = True
-            return
-        run_dir = self.args.output_dir
-        name = f"{checkpoints.PREFIX}{self.state.global_step}"
-        staging = os.path.join(run_dir, checkpoints.STAGING)
-        if self.args.should_save:
-            checkpoints.clear_staging(run_dir)
-        self.accelerator.wait_for_everyone()
-        keep, self.args.save_total_limit = self.args.save_total_limit, None
-        self.args.output_dir = staging
-        try:
-            super()._save_checkpoint(model, trial)
-            if self.args.should_save:
-                self._save_prefopt_state(Path(staging) / name)
-        finally:
-            self.args.output_dir, self.args.save_total_limit = run_dir, keep
-        self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are written
-        if self.args.should_save:
-            checkpoints.publish(Path(staging) / name, Path(run_dir) / name)
-            checkpoints.prune(run_dir, keep or 0)
-            checkpoints.clear_staging(run_dir)
-        self.accelerator.wait_for_everyone()
-
-    def _save_prefopt_state(self, folder: Path) -> None:
-        """What transformers does not save: a stateful loss's state (its to_dict()), a moving
-        reference's changed weights, and the run's identity (its config and data fingerprint,
-        checked by --resume) with the verified-finite mark."""
+    def save_extra_state(self, folder: Path) -> None:
+        """A stateful loss's state (its to_dict()) and a moving reference's changed weights."""
         if self.loss_state is not None:
             (folder / LOSS_STATE_FILE).write_text(json.dumps(self.loss_state.to_dict()))
         if self.moving_reference is not None:
             save_file(self.moving_reference.state_dict(), str(folder / REFERENCE_FILE))
-        if self.run_info is not None:
-            (folder / checkpoints.RUN_FILE).write_text(json.dumps({**self.run_info, "finite": True}))
 
-    @torch.no_grad()
-    def state_is_finite(self) -> bool:
-        """Whether every trainable weight and every optimizer moment is finite, on every process."""
-        tensors = [p for p in self.model.parameters() if p.requires_grad]
-        if self.optimizer is not None:
-            tensors += [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-        bad = torch.zeros((), device=self.args.device)
-        for x in tensors:
-            if x.is_floating_point():
-                bad = bad + (~torch.isfinite(x)).any().to(bad.device, bad.dtype)
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, "sum")
-        return bad.item() == 0
-
-    def restore_state(self, checkpoint) -> None:
+    def restore_extra_state(self, checkpoint: Path) -> None:
         """What _save_prefopt_state saved in `checkpoint`: the stateful loss's state (also a BCO
         state saved by earlier versions, {"mean", "count"}) and the moving reference's weights."""
-        checkpoint = Path(checkpoint)
         if self.loss_state is not None and (checkpoint / LOSS_STATE_FILE).is_file():
             self.loss_state.load_dict(json.loads((checkpoint / LOSS_STATE_FILE).read_text()))
         if self.moving_reference is None:
@@ -487,26 +546,6 @@ class PreferenceTrainer(Trainer):
         else:  # a checkpoint of a run with another loss, resumed with --force
             log.warning("%s holds no %s; the moving reference starts from the model", checkpoint, REFERENCE_FILE)
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """transformers' train(); when resuming, prefopt's own state is restored first (restore_state)."""
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-        if isinstance(checkpoint, (str, os.PathLike)):
-            self.restore_state(checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _save(self, output_dir=None, state_dict=None):
-        """The model as safetensors (transformers' own save) and the training arguments as JSON
-        instead of the pickled training_args.bin, which nothing here reads."""
-        super()._save(output_dir, state_dict)
-        output_dir = output_dir or self.args.output_dir
-        if self.args.should_save:
-            pickled = Path(output_dir) / "training_args.bin"
-            if pickled.exists():
-                pickled.unlink()
-            (Path(output_dir) / "training_args.json").write_text(self.args.to_json_string())
-
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -514,21 +553,17 @@ class PreferenceTrainer(Trainer):
         return loss.detach(), None, None
 
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
-        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if split == "eval" else ""
-        for k, v in self._metrics[split].items():
-            if v:
-                logs[prefix + k] = round(sum(v) / len(v), 6)
-        self._metrics[split].clear()
-        if split == "train" and self._reward_length:
-            r, n = torch.cat(list(self._reward_length), 1)[:, -LENGTH_CORR_SEQS:].cpu()
-            if r.numel() >= 16 and r.std() > 0 and n.std() > 0:
-                logs["rewards/length_corr"] = round(torch.corrcoef(torch.stack([r, n]))[0, 1].item(), 4)
-        if split == "train" and "loss" in logs and self._tokens_since is not None:
-            tokens = self.accelerator.reduce(self._tokens.clone(), "sum").item()  # all ranks
-            logs["throughput/tokens_per_s"] = round(tokens / max(time.perf_counter() - self._tokens_since, 1e-9), 1)
-            self._tokens.zero_()
-            self._tokens_since = time.perf_counter()
+        """RunTrainer's log, with rewards/length_corr and throughput/tokens_per_s in training."""
+        if not any(k.startswith("eval_") for k in logs):
+            if self._reward_length:
+                r, n = torch.cat(list(self._reward_length), 1)[:, -LENGTH_CORR_SEQS:].cpu()
+                if r.numel() >= 16 and r.std() > 0 and n.std() > 0:
+                    logs["rewards/length_corr"] = round(torch.corrcoef(torch.stack([r, n]))[0, 1].item(), 4)
+            if "loss" in logs and self._tokens_since is not None:
+                tokens = self.accelerator.reduce(self._tokens.clone(), "sum").item()  # all ranks
+                logs["throughput/tokens_per_s"] = round(tokens / max(time.perf_counter() - self._tokens_since, 1e-9), 1)
+                self._tokens.zero_()
+                self._tokens_since = time.perf_counter()
         super().log(logs, start_time)
 
 
