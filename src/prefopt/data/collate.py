@@ -1,6 +1,7 @@
 """Token ids -> one batch of rows for the log-prob engine.
 
-An example is a prompt and K responses (K = 2 for a pair: chosen, rejected; K = 1 unpaired).
+An example is a prompt and K responses (K = 2 for a pair: chosen, rejected; K = 1 unpaired; K = G
+for a GRPO group, the G completions sampled for one prompt, under `group_ids`).
 With prefix sharing, one row holds [prompt | response 1 | … | response K]: the prompt is computed
 once, each response attends to the prompt and to itself only, and its positions continue from
 the end of the prompt, exactly as if it were alone after the prompt. Without it, each response
@@ -38,7 +39,9 @@ SUBSETS = ("prefix", "sample")  # the token subsets a Collator can flag (see the
 
 def responses_of(example: dict) -> list[list[int]]:
     """[chosen, rejected] for a pair; [completion, mismatched KL completion] for an unpaired
-    example with a KL baseline; else [completion]."""
+    example with a KL baseline; the G completions of a group (`group_ids`); else [completion]."""
+    if "group_ids" in example:
+        return example["group_ids"]
     if "chosen_ids" in example:
         return [example["chosen_ids"], example["rejected_ids"]]
     if "kl_completion_ids" in example:
@@ -116,7 +119,7 @@ class Collator:
         for i, ex in enumerate(examples):
             resp = responses_of(ex)
             if len(resp) != K:
-                raise ValueError("a batch mixes paired and unpaired examples")
+                raise ValueError("a batch mixes examples with different numbers of responses")
             if self.prefix_sharing:
                 segs = [(0, ex["prompt_ids"], None)] + [(k + 1, r, i * K + k) for k, r in enumerate(resp)]
                 yield i, segs

@@ -136,8 +136,10 @@ def token_logps(
     return torch.cat(out)
 
 
-def sequence_logps(model, batch: dict, chunk: int = 1024, sq_mass: bool = False) -> dict:
+def sequence_logps(model, batch: dict, chunk: int = 1024, sq_mass: bool = False, tokens: bool = False) -> dict:
     """Run `model` on a collated batch; return per-sequence `logps` (sum), `lengths`, `mean_logps`.
+    With `tokens`, also `token_logps`: the log-prob of every scored token, flat, in the batch's
+    order (each sequence's tokens together and in order; `padded_tokens` lays them out [N, T]).
 
     Also, only when asked: `subset_logps`, the sum over the tokens flagged in `batch["score_subset"]`
     (a collator built with a token subset flags them: LD-DPO's shared-length prefix, SamPO's
@@ -157,7 +159,24 @@ def sequence_logps(model, batch: dict, chunk: int = 1024, sq_mass: bool = False)
     sq = None
     if sq_mass:
         tok, sq = tok
-    return _per_sequence_sums(batch, tok, sq)
+    out = _per_sequence_sums(batch, tok, sq)
+    if tokens:
+        out["token_logps"] = tok
+    return out
+
+
+def padded_tokens(values: torch.Tensor, score_seq: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token `values` of a batch (flat, one per scored token, as `token_logps`) laid out as
+    [n, T] with T the longest sequence, and the [n, T] mask of real tokens (differentiable in
+    `values`; padding 0)."""
+    lengths = torch.bincount(score_seq, minlength=n)
+    width = max(int(lengths.max()), 1) if n else 1
+    starts = torch.cumsum(lengths, 0) - lengths
+    position = torch.arange(score_seq.shape[0], device=score_seq.device) - starts[score_seq]
+    out = values.new_zeros(n, width).index_put((score_seq, position), values)
+    mask = torch.zeros(n, width, dtype=torch.bool, device=values.device)
+    mask[score_seq, position] = True
+    return out, mask
 
 
 def _attention_inputs(causal_lm, batch: dict) -> dict:
