@@ -65,6 +65,16 @@ def test_zero_margins_broken_setup():
     assert mon.warned == {"broken setup": 6}
 
 
+def test_grpo_without_reward_signal():
+    """GRPO logs whose groups all scored alike over the whole window: said once; one group with a
+    spread in the window is enough to stay silent."""
+    mon, _ = feed([{"reward": 0.0, "frac_reward_zero_std": 1.0} for _ in range(7)])
+    assert mon.warned == {"no reward signal": 5}
+    rows = [{"reward": 0.0, "frac_reward_zero_std": 1.0 if k % 4 else 0.75} for k in range(1, 8)]
+    mon, _ = feed(rows)
+    assert mon.warned == {}
+
+
 @pytest.mark.parametrize("key", ["loss", "grad_norm"])
 def test_non_finite_stops(key):
     rows = [pair_row(0.1, -0.1), pair_row(0.1, -0.1, **{key: float("nan")}), pair_row(0.1, -0.1)]

@@ -5,6 +5,9 @@
                                                           continues from the newest checkpoint (same
                                                           config and data, or --force); --overwrite
                                                           replaces another run's outputs in the folder
+    prefopt grpo [CONFIG.yaml] [--resume [--force] | --overwrite] [--section.key value ...]
+                                                          GRPO: sample G completions per prompt from the
+                                                          policy, score them with grpo.reward, train
     prefopt data check PATH [--config CONFIG.yaml] [--json] [--section.key value ...]
                                                           what is in a data file, what is wrong with it
     prefopt eval --model OUT --data PATH [--json]         the trained model as a reward model on preference
@@ -14,7 +17,7 @@
                                                           sample policy and reference, compare their rewards
     prefopt score --model OUT --data PATH [--out FILE]    JSONL of the implicit reward of every response
                                                           (default OUT/scores/<data name>.jsonl)
-    prefopt demo [--out DIR]                              the offline controlled-sentiment demo
+    prefopt demo [--task sentiment|code] [--out DIR]      the offline demo: controlled sentiment, or Code-DPO
     prefopt frontier [CONFIG] [--quick] [--key value ...] reward vs KL over a grid of losses x beta (CSV + PNG)
     prefopt rounds [CONFIG] [--quick] [--key value ...]   on-policy rounds: sample, score, pair, train, repeat
     prefopt report OUTDIR [--out DEST]                    one HTML file with the plots of a run's metrics.jsonl
@@ -74,6 +77,15 @@ def _add_train_and_data(sub) -> None:
         "the data differ from the checkpoint's, unless --force), --overwrite (replace another run's model and "
         "checkpoints in train.output_dir) and --section.key value ...",
     )
+    g = sub.add_parser(
+        "grpo", help="GRPO: sample groups from the policy, score them with a reward, train (config section grpo:)"
+    )
+    g.add_argument(
+        "config", nargs="?", help="YAML config (optional: the default is the code task with its tests reward)"
+    )
+    g.add_argument(
+        "overrides", nargs=argparse.REMAINDER, help="--resume, --overwrite, --force and --section.key value ..."
+    )
     data = sub.add_parser("data", help="inspect preference data").add_subparsers(dest="data_command", required=True)
     c = data.add_parser(
         "check", help="report shape, counts, token lengths and problems of a data file; exit 2 when it is not usable"
@@ -122,7 +134,7 @@ def _add_eval_and_score(sub) -> None:
 
 def _add_config(sub) -> None:
     k = sub.add_parser("config", help="print every config key with its default and meaning, as YAML to copy")
-    k.add_argument("section", nargs="?", help="one section: model, lora, data, loss, reference, train")
+    k.add_argument("section", nargs="?", help="one section: model, lora, data, loss, reference, train, grpo")
 
 
 def _add_experiments_and_report(sub) -> None:
@@ -138,8 +150,14 @@ def _add_experiments_and_report(sub) -> None:
         )
         x.add_argument("--quick", action="store_true", help="a tiny run to check the machinery (not a result)")
         x.epilog = "Any experiment key can be given as --key value (a YAML value), e.g. --grid '{ipo: [0.1, 1]}'."
-    d = sub.add_parser("demo", help="offline controlled-sentiment DPO demo on the embedded model")
-    d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    d = sub.add_parser("demo", help="offline DPO demo on the embedded model: controlled sentiment, or --task code")
+    d.add_argument(
+        "--task",
+        default="sentiment",
+        choices=["sentiment", "code"],
+        help="sentiment (VADER) | code (Code-DPO, unit tests)",
+    )
+    d.add_argument("--out", default=None, help="output folder (default: runs/demo, runs/demo-code for --task code)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a tiny run to check the machinery (not a result)")
     r = sub.add_parser("report", help="write an HTML report (plots + summary) of a run's metrics.jsonl")
@@ -149,7 +167,12 @@ def _add_experiments_and_report(sub) -> None:
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """(the parsed command, the --section.key / --key value overrides that follow it)."""
-    if argv[:1] == ["train"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] not in ("--help", "-h"):
+    if (
+        argv[:1] in (["train"], ["grpo"])
+        and len(argv) > 1
+        and argv[1].startswith("--")
+        and argv[1] not in ("--help", "-h")
+    ):
         argv.insert(1, "")  # no config file: every key comes from flags
     if argv[:1] in (["frontier"], ["rounds"]) and not {"-h", "--help"} & set(argv):
         # [CONFIG] [--quick] then --key value pairs of the experiment config
@@ -201,6 +224,8 @@ def _train(args, rest: list[str]) -> int:
 
     flags = {f for f in TRAIN_FLAGS if f in rest}
     cfg = config.load(args.config or None, [a for a in rest if a not in TRAIN_FLAGS])
+    if args.command == "grpo":
+        from prefopt.recipes.grpo import train_grpo as train
     summary = train(cfg, resume="--resume" in flags, overwrite="--overwrite" in flags, force="--force" in flags)
     if "interrupted" in summary:
         print(
@@ -230,7 +255,8 @@ def _score(args, rest: list[str]) -> int:
 def _demo(args, rest: list[str]) -> int:
     from prefopt.experiments.demo import run_demo
 
-    run_demo(out=args.out, seed=args.seed, quick=args.quick)
+    out = args.out or ("runs/demo" if args.task == "sentiment" else f"runs/demo-{args.task}")
+    run_demo(out=out, seed=args.seed, quick=args.quick, task=args.task)
     return 0
 
 
@@ -338,6 +364,7 @@ def _config(args, rest: list[str]) -> int:
 
 COMMANDS = {
     "train": _train,
+    "grpo": _train,
     "data": _data_check,
     "eval": _eval,
     "score": _score,

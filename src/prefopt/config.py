@@ -44,7 +44,7 @@ from peft import LoraConfig as PeftLora
 from transformers import SchedulerType, TrainingArguments
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from prefopt import losses
+from prefopt import grpo, losses
 from prefopt.data import formats, sources
 from prefopt.errors import PrefoptError
 from prefopt.files import write_text_atomic
@@ -206,6 +206,30 @@ class TrainConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """`prefopt grpo` only (`prefopt train` ignores it): where the prompts come from, the reward,
+    and the GRPO objective, with the names of TRL's GRPOConfig (docs/grpo.md). train.batch_size
+    counts prompts here: each step samples batch_size × num_generations completions."""
+
+    prompts: str = _key("code", "code (the code task's train problems) | sentiment | a .txt/.jsonl prompts file")
+    reward: str = _key(
+        "tests", "tests | tests_binary | vader | length | regex:... | keywords:... | module:fn (docs/evaluation.md)"
+    )
+    limit: Optional[int] = _key(None, "use only the first N prompts; null: all")
+    num_generations: int = _key(4, "G: completions sampled per prompt from the current policy (a group)")
+    max_completion_length: int = _key(160, "tokens per completion, at most")
+    beta: float = _key(0.0, "weight of the KL to the reference (k3 estimator per token); 0: no reference")
+    epsilon: float = _key(0.2, "the ratio is clipped to [1 - epsilon, 1 + epsilon_high]")
+    epsilon_high: Optional[float] = _key(None, "upper clip (DAPO's clip-higher); null: epsilon")
+    loss_type: str = _key("dapo", "how token losses are averaged: grpo | bnpo | dapo | dr_grpo")
+    scale_rewards: Union[bool, str] = _key(
+        "group", "advantages divided by the reward std of the group | batch | none (Dr. GRPO); true/false: group/none"
+    )
+    importance_sampling_level: str = _key("token", "the ratio per token | sequence (GSPO)")
+    num_iterations: int = _key(1, "optimizer steps on each sampled batch; > 1 clips the ratio to the sampling policy")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -213,6 +237,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def resolved(self) -> dict:
         """The config as nested dicts, every key with its value (what is saved beside the model)."""
@@ -807,6 +832,8 @@ def complete(cfg: Config, source: str = "config") -> None:
             setattr(loss, key, default)
     if cfg.reference.precompute is None:  # left unset: precomputed, unless the reference moves
         cfg.reference.precompute = not spec.moving_reference
+    if isinstance(cfg.grpo.scale_rewards, bool):  # TRL's older true/false
+        cfg.grpo.scale_rewards = "group" if cfg.grpo.scale_rewards else "none"
     validate(cfg, source)
 
 
@@ -857,6 +884,32 @@ def validate(cfg: Config, source: str = "config") -> None:
     _validate_hub(cfg.train, source)
     _validate_model(cfg, source)
     _validate_passthrough(cfg, source)
+    _validate_grpo(cfg.grpo, source)
+
+
+def _validate_grpo(g: GRPOConfig, source: str) -> None:
+    """The grpo section's values in range."""
+    for key in ("max_completion_length", "num_iterations"):
+        if getattr(g, key) < 1:
+            _bad(source, f"grpo.{key}", f"must be >= 1, found {show(getattr(g, key))}.")
+    if g.num_generations < 2:
+        _bad(
+            source, "grpo.num_generations", "must be >= 2: a group's advantages are relative to its other completions."
+        )
+    if g.limit is not None and g.limit < 1:
+        _bad(source, "grpo.limit", f"must be >= 1 or null, found {show(g.limit)}.")
+    if g.beta < 0:
+        _bad(source, "grpo.beta", f"must be >= 0, found {show(g.beta)}.")
+    if not 0 < g.epsilon < 1:
+        _bad(source, "grpo.epsilon", f"must be in (0, 1), found {show(g.epsilon)}.")
+    if g.epsilon_high is not None and g.epsilon_high <= 0:
+        _bad(source, "grpo.epsilon_high", f"must be > 0 or null, found {show(g.epsilon_high)}.")
+    _one_of(source, "grpo.loss_type", g.loss_type, list(grpo.LOSS_TYPES))
+    _one_of(source, "grpo.scale_rewards", g.scale_rewards, list(grpo.SCALES))
+    _one_of(source, "grpo.importance_sampling_level", g.importance_sampling_level, list(grpo.IMPORTANCE_LEVELS))
+    for key in ("prompts", "reward"):
+        if not getattr(g, key):
+            _bad(source, f"grpo.{key}", "must not be empty (see `prefopt config grpo`).")
 
 
 def _check_finite(cfg: Config, source: str) -> None:
@@ -1388,6 +1441,7 @@ _SECTION_HELP = {
     "saved config records (docs/losses.md lists them per loss)",
     "reference": "how reference log-probs are obtained",
     "train": "optimisation, precision, logging, output folder, Hub push",
+    "grpo": "`prefopt grpo` only: the prompts, the reward and the GRPO objective (TRL GRPOConfig's names)",
 }
 
 

@@ -1,7 +1,7 @@
 """The GRPO objective: group-relative advantages and the clipped, KL-regularised policy loss.
 
 Pure functions on tensors, float-agnostic, no model and no sampling (the trainer that samples the
-groups and calls these is not built yet; docs/grpo.md). Notation:
+groups and calls these is prefopt.training.grpo_trainer; docs/grpo.md). Notation:
 
     P prompts, G completions per prompt (a group), N = P·G completions, T completion positions
     rewards     [P, G]  one scalar reward per completion

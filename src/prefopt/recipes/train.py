@@ -200,7 +200,7 @@ def _save_outputs(trainer, cfg: Config, tokenizer, out: Path, path: str) -> None
         tokenizer.save_pretrained(out / "merged")
 
 
-def _publish(cfg: Config, path: str, out: Path, summary: dict) -> None:
+def _publish(cfg: Config, path: str, out: Path, summary: dict, command: str = "prefopt train prefopt.yaml") -> None:
     """Make OUT Hub-ready: the adapter names its base by its public hub id, a model card
     (README.md) says what was trained on what and how, and with train.push_to_hub it is pushed."""
     base = hub.public_base(cfg.model.name, path)
@@ -212,7 +212,7 @@ def _publish(cfg: Config, path: str, out: Path, summary: dict) -> None:
         cfg.resolved(),
         summary,
         base=base,
-        command="prefopt train prefopt.yaml",
+        command=command,
         version=prefopt.__version__,
         repo_id=repo_id,
     )

@@ -48,6 +48,14 @@ CARD_METRICS = {
     "rewards/chosen": "reward of chosen responses",
     "rewards/rejected": "reward of rejected responses",
 }
+# the same for a GRPO run (logged when its batches are sampled, and by the loss)
+GRPO_CARD_METRICS = {
+    "reward": "mean reward of the sampled completions",
+    "reward_std": "reward std within a group (mean over groups)",
+    "frac_reward_zero_std": "fraction of groups whose completions all scored the same",
+    "kl": "KL to the reference (k3, per token)",
+    "completions/mean_length": "completion length, tokens",
+}
 # loss name -> what the card calls it; names missing here are shown as they are
 LOSS_TITLES = {
     "sigmoid": "DPO (sigmoid loss)",
@@ -163,14 +171,14 @@ def _hyperparameters(loss: dict) -> dict:
     return hyper
 
 
-def _tags(cfg: dict) -> list[str]:
-    """prefopt, what the loss is (dpo for the DPO variants), its modifiers, lora for an adapter."""
+def _tags(cfg: dict, grpo: bool = False) -> list[str]:
+    """prefopt, what the loss is (dpo for the DPO variants; grpo), its modifiers, lora for an adapter."""
     tags = ["prefopt"]
-    for name in _loss_parts(cfg.get("loss", {})):
+    for name in ["grpo"] if grpo else _loss_parts(cfg.get("loss", {})):
         tag = LOSS_TAGS.get(name, name.replace("_", "-"))
         if tag not in tags:
             tags.append(tag)
-    if cfg.get("loss", {}).get("wpo"):
+    if cfg.get("loss", {}).get("wpo") and not grpo:
         tags.append("wpo")
     if cfg.get("lora", {}).get("enabled"):
         tags.append("lora")
@@ -183,7 +191,7 @@ def _datasets(data: dict) -> list[str]:
     return list(dict.fromkeys(n for n in names if isinstance(n, str) and looks_like_hub_id(n)))
 
 
-def _card_data(cfg: dict, base: str) -> ModelCardData:
+def _card_data(cfg: dict, base: str, grpo: bool = False) -> ModelCardData:
     """The card's front matter; keys without a known value are left out rather than guessed."""
     lora = bool(cfg.get("lora", {}).get("enabled"))
     on_hub = looks_like_hub_id(base)
@@ -192,8 +200,8 @@ def _card_data(cfg: dict, base: str) -> ModelCardData:
         base_model=base if on_hub else None,
         library_name="peft" if lora else "transformers",
         license=LICENSES.get(base),
-        datasets=_datasets(cfg.get("data", {})) or None,
-        tags=_tags(cfg),
+        datasets=(None if grpo else _datasets(cfg.get("data", {}))) or None,
+        tags=_tags(cfg, grpo),
         pipeline_tag="text-generation",
         **extra,
     )
@@ -206,16 +214,17 @@ def _link(name: str, kind: str = "") -> str:
     return f"`{name}`"
 
 
-def _title(cfg: dict, base: str) -> str:
-    """The card's heading: base model, loss, adapter or fine-tune."""
+def _title(cfg: dict, base: str, grpo: bool = False) -> str:
+    """The card's heading: base model, loss (or GRPO), adapter or fine-tune."""
     name = cfg.get("loss", {}).get("name", "sigmoid")
-    loss = "combined-loss" if name == "combine" else LOSS_TITLES.get(name, name)
+    loss = "GRPO" if grpo else "combined-loss" if name == "combine" else LOSS_TITLES.get(name, name)
     kind = "LoRA adapter" if cfg.get("lora", {}).get("enabled") else "fine-tune"
     return f"{base.rstrip('/').rsplit('/', 1)[-1]}: {loss.split(' (')[0]} {kind}"
 
 
-def _method_lines(cfg: dict, base: str) -> list[str]:
-    """The 'Model' section: base, fine-tuning method, loss and its hyperparameters."""
+def _method_lines(cfg: dict, base: str, grpo: bool = False) -> list[str]:
+    """The 'Model' section: base, fine-tuning method, loss and its hyperparameters (GRPO: the
+    objective is in the Data section)."""
     model, lora, loss = cfg.get("model", {}), cfg.get("lora", {}), cfg.get("loss", {})
     where = "" if looks_like_hub_id(base) else " (a local model, not on the Hub)"
     lines = [f"- **Base model:** {_link(base)}{where}"]
@@ -235,6 +244,8 @@ def _method_lines(cfg: dict, base: str) -> list[str]:
         )
     else:
         lines.append("- **Method:** full fine-tune (every weight trained)")
+    if grpo:
+        return lines
     parts = _loss_parts(loss)
     if loss.get("name") == "combine":
         weights = ", ".join(f"{LOSS_TITLES.get(n, n)} × {_fmt(w)}" for n, w in loss["weights"].items())
@@ -309,13 +320,15 @@ def _last(rows: list, keep) -> Optional[dict]:
     return next((r for r in reversed(rows) if isinstance(r, dict) and keep(r)), None)
 
 
-def _results_lines(metrics_rows: list) -> list[str]:
+def _results_lines(metrics_rows: list, grpo: bool = False) -> list[str]:
     """The 'Results' section: the last logged training values and the last evaluation's, as a
-    table; a metric the run did not log is left out (nothing when nothing was logged)."""
-    train = _last(metrics_rows, lambda r: "loss" in r and not any(k.startswith(("eval_", "train_")) for k in r))
+    table; a metric the run did not log is left out (nothing when nothing was logged). GRPO: the
+    last log of a step that sampled (it carries the rewards)."""
+    key_of_row = "reward" if grpo else "loss"
+    train = _last(metrics_rows, lambda r: key_of_row in r and not any(k.startswith(("eval_", "train_")) for k in r))
     evals = _last(metrics_rows, lambda r: any(k.startswith("eval_") for k in r))
     labels, rows = [], []
-    for key, what in CARD_METRICS.items():
+    for key, what in (GRPO_CARD_METRICS if grpo else CARD_METRICS).items():
         values = ([train.get(key)] if train else []) + ([evals.get(f"eval_{key}")] if evals else [])
         if any(_is_number(v) for v in values):
             labels.append(what)
@@ -326,9 +339,14 @@ def _results_lines(metrics_rows: list) -> list[str]:
         [f"evaluation, step {evals.get('step')}"] if evals else []
     )
     cells = [[_fmt(v) if _is_number(v) else "" for v in row] for row in rows]
+    note = (
+        "Rewards are those of the run's reward function on completions sampled from the policy during training."
+        if grpo
+        else "A response's implicit reward is β·(log π − log π_ref) for losses with a reference model, "
+        "β·log π for those without."
+    )
     lines = [
-        "A response's implicit reward is β·(log π − log π_ref) for losses with a reference model, "
-        "β·log π for those without.",
+        note,
         "",
         "| metric | " + " | ".join(columns) + " |",
         "|---" * (len(columns) + 1) + "|",
@@ -368,7 +386,7 @@ def _reproduce_lines(cfg: dict, command: str, version: str) -> list[str]:
     """The 'Reproduce it' section: the command, and the resolved config it ran with."""
     return [
         f"Trained with `{command}` (prefopt {version}). The fully resolved configuration, also in this "
-        "repository as `prefopt.yaml` (`prefopt train prefopt.yaml` runs it again; local paths in it are "
+        "repository as `prefopt.yaml` (the command above runs it again; local paths in it are "
         "those of the machine it was trained on):",
         "",
         "```yaml",
@@ -396,12 +414,13 @@ def model_card(
     of OUT/metrics.jsonl, `base` public_base's answer, `command` the command line that trained it.
     Nothing unknown is printed: a value missing from the inputs leaves its line out."""
     repo = repo_id or str(summary.get("output_dir") or cfg_dict.get("train", {}).get("output_dir"))
+    grpo = summary.get("method") == "grpo"
     sections = [
-        (None, [f"# {_title(cfg_dict, base)}", "", _summary_sentence(cfg_dict, base)]),
-        ("Model", _method_lines(cfg_dict, base)),
-        ("Data", _data_lines(cfg_dict, summary)),
+        (None, [f"# {_title(cfg_dict, base, grpo)}", "", _summary_sentence(cfg_dict, base, grpo)]),
+        ("Model", _method_lines(cfg_dict, base, grpo)),
+        ("Data", _grpo_lines(cfg_dict, summary) if grpo else _data_lines(cfg_dict, summary)),
         ("Training", _training_lines(cfg_dict, summary)),
-        ("Results", _results_lines(metrics_rows)),
+        ("Results", _results_lines(metrics_rows, grpo)),
         ("Use it", _usage_block(cfg_dict, base, repo)),
         ("Reproduce it", _reproduce_lines(cfg_dict, command, version)),
     ]
@@ -410,18 +429,40 @@ def model_card(
         if lines:
             body += ([f"## {heading}", ""] if heading else []) + lines + [""]
     body.append(f"Trained with prefopt {version}.")
-    text = f"---\n{_card_data(cfg_dict, base).to_yaml()}\n---\n\n" + "\n".join(body) + "\n"
+    text = f"---\n{_card_data(cfg_dict, base, grpo).to_yaml()}\n---\n\n" + "\n".join(body) + "\n"
     ModelCard(text, ignore_metadata_errors=False)  # the front matter parses as the Hub's library reads it
     return text
 
 
-def _summary_sentence(cfg: dict, base: str) -> str:
+def _summary_sentence(cfg: dict, base: str, grpo: bool = False) -> str:
     """One sentence: what this model is."""
     lora = cfg.get("lora", {}).get("enabled")
+    what = "A LoRA adapter for" if lora else "A fine-tune of"
+    if grpo:
+        return (
+            f"{what} {_link(base)}, trained with GRPO on the reward `{cfg.get('grpo', {}).get('reward')}` by prefopt."
+        )
     parts = _loss_parts(cfg.get("loss", {}))
     loss = " + ".join(LOSS_TITLES.get(p, p) for p in parts)
-    what = "A LoRA adapter for" if lora else "A fine-tune of"
     return f"{what} {_link(base)}, trained on preference data with {loss} by prefopt."
+
+
+def _grpo_lines(cfg: dict, summary: dict) -> list[str]:
+    """The 'Data' section of a GRPO run: its prompts, reward and sampling."""
+    g = cfg.get("grpo", {})
+    count = f", {summary['prompts']} prompts" if _is_number(summary.get("prompts")) else ""
+    objective = ", ".join(
+        f"{k} = {_fmt(g.get(k))}"
+        for k in ("beta", "epsilon", "epsilon_high", "loss_type", "scale_rewards", "importance_sampling_level")
+        if g.get(k) is not None
+    )
+    return [
+        f"- **Prompts:** `{g.get('prompts')}`{count}",
+        f"- **Reward:** `{g.get('reward')}`",
+        f"- **Sampling:** {g.get('num_generations')} completions per prompt from the policy, at most "
+        f"{g.get('max_completion_length')} tokens, temperature 1; {g.get('num_iterations')} optimizer step(s) each",
+        f"- **Objective:** GRPO; {objective}",
+    ]
 
 
 def read_metrics_rows(path: Path) -> list:

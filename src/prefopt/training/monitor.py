@@ -16,6 +16,9 @@ warns once per failure mode, naming the step:
                      (LD-DPO) or simpo (per-token reward)
     over-optimising  margins growing at every log and already large: the loss is driven to zero by
                      ever-larger log-ratios; remedies: a larger β, or loss ipo (a bounded target)
+    no reward signal GRPO: every group's completions scored the same (frac_reward_zero_std = 1) over
+                     the window: no advantage, no step; remedies: more completions per prompt,
+                     easier prompts, a reward with partial credit
 
 Each warning names its remedies and links to their sections of docs/losses.md (REMEDY_DOCS).
 """
@@ -55,6 +58,7 @@ class FailureMonitor(TrainerCallback):
         self.margin_limit = margin_limit  # implicit-reward units (losses.implicit_rewards): σ(5) = 0.993
         self.length_corr = length_corr
         self.history: deque = deque(maxlen=window)
+        self.zero_std: deque = deque(maxlen=window)  # GRPO's frac_reward_zero_std of the last sampled batches
         self.warned: dict[str, int] = {}  # failure mode -> step of its warning
         self.nonfinite_step = None
         self.speak = True  # logs are global under DDP: only rank 0 says what they show
@@ -76,6 +80,9 @@ class FailureMonitor(TrainerCallback):
             control.should_training_stop = True
             return
         self.history.append(logs)
+        if "frac_reward_zero_std" in logs:  # GRPO logs it on the steps that sample
+            self.zero_std.append(logs["frac_reward_zero_std"])
+            self._no_signal(step)
         if len(self.history) < self.window or "rewards/margins" not in logs:
             return
         self._zero_margins(step)
@@ -96,6 +103,18 @@ class FailureMonitor(TrainerCallback):
                 )
                 return True
         return False
+
+    def _no_signal(self, step: int) -> None:
+        """GRPO: every group of the window scored all its completions the same."""
+        if len(self.zero_std) == self.window and min(self.zero_std) >= 1.0:
+            self.warn(
+                "no reward signal",
+                step,
+                f"in each of the last {self.window} sampled batches every group's completions got the same "
+                "reward (frac_reward_zero_std = 1): their advantages are 0, so the policy gradient is 0 (only "
+                "the KL term, when grpo.beta > 0, moves the policy); use more grpo.num_generations, easier "
+                "prompts, or a reward with partial credit (tests, not tests_binary).",
+            )
 
     def _zero_margins(self, step: int) -> None:
         margins = [r["rewards/margins"] for r in self.history]

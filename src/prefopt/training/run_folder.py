@@ -93,8 +93,10 @@ def claim(cfg: Config, model_path: str, *, resume: bool, overwrite: bool, is_mai
 
 
 def _inputs(cfg: Config, model_path: str) -> list[Path]:
-    """The paths this run reads: the model and the data sources (a `:split` suffix dropped)."""
-    paths = [model_path] + [s for s in (cfg.data.train, cfg.data.eval) if isinstance(s, str)]
+    """The paths this run reads: the model, the data sources (a `:split` suffix dropped) and a
+    GRPO prompts or problems file (grpo.prompts: a path, or code:PATH)."""
+    prompts = cfg.grpo.prompts.removeprefix("code:") if cfg.grpo.prompts not in ("code", "sentiment") else None
+    paths = [model_path] + [s for s in (cfg.data.train, cfg.data.eval, prompts) if isinstance(s, str)]
     found = []
     for path in paths:
         for candidate in (path, path.rsplit(":", 1)[0]):
