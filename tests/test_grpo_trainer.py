@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 from prefopt import config, grpo
 from prefopt.data.collate import Collator
 from prefopt.errors import PrefoptError
+from prefopt.evaluation.report import write_report
 from prefopt.modeling import load
 from prefopt.modeling.logprobs import padded_tokens, sequence_logps
 from prefopt.recipes.grpo import train_grpo
@@ -245,6 +246,9 @@ def test_grpo_killed_then_resumed_equals_uninterrupted(tiny_dir, prompts_file, t
     assert "trained with GRPO on the reward `length`" in card and "prefopt grpo prefopt.yaml" in card
     assert ": GRPO LoRA adapter" in card and "- grpo" in card and "- dpo" not in card
     assert "| mean reward of the sampled completions |" in card and "implicit reward" not in card
+    page = write_report(out).read_text()
+    assert 'alt="Reward of the sampled completions"' in page and 'alt="Groups without signal"' in page
+    assert "GRPO" in page and 'alt="Reward margin"' not in page
 
 
 def test_the_grpo_section_is_checked(tmp_path):
@@ -263,3 +267,16 @@ def test_prefopt_grpo_with_a_bad_key_exits_2(tmp_path):
         [sys.executable, "-m", "prefopt", "grpo", "--grpo.num_generation", "4"], capture_output=True, text=True
     )
     assert done.returncode == 2 and "did you mean 'num_generations'" in done.stderr
+
+
+def test_prefopt_grpo_on_the_code_task_scores_in_the_sandbox(tiny_dir, tmp_path):
+    """The default prompts and reward (the code task, its tests run in the sandbox) on the tiny
+    model: its random answers fail every test, so every group is without signal — logged as such."""
+    raw = grpo_config(tiny_dir, "code", tmp_path / "code", reward="tests", limit=4, num_generations=2)
+    raw["train"].update(save_steps=0)
+    summary = train_grpo(raw)
+    assert summary["prompts"] == 4 and summary["steps"] == 1
+    row = next(
+        r for r in map(json.loads, (tmp_path / "code" / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    )
+    assert row["rewards/tests/mean"] == 0.0 and row["frac_reward_zero_std"] == 1.0

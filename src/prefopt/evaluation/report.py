@@ -102,9 +102,53 @@ PLOTS = [
         "kl",
         "KL estimate",
         "KL",
-        "The unpaired loss's batch estimate of KL(policy ‖ reference), its reference "
-        "point; a steady rise means the policy is drifting from the reference.",
+        "KL(policy ‖ reference): the unpaired loss's batch estimate (its reference point), or GRPO's "
+        "token mean of k3 on the sampled completions; a steady rise means the policy is drifting from the reference.",
         [("kl", "KL", BLUE, "-")],
+        True,
+    ),
+    (
+        "grpo_reward",
+        "Reward of the sampled completions",
+        "reward",
+        "GRPO: mean reward of the completions sampled from the policy at each step, and the mean "
+        "std of the rewards within a group, which is what gives advantages. The reward should rise.",
+        [("reward", "mean reward", BLUE, "-"), ("reward_std", "std within a group", GREY, "--")],
+        True,
+    ),
+    (
+        "grpo_zero_std",
+        "Groups without signal",
+        "fraction of groups",
+        "GRPO: the fraction of groups whose completions all got the same reward: their advantages "
+        "are 0 and they give no gradient. Near 1, the prompts are too hard (or too easy) for the policy.",
+        [("frac_reward_zero_std", "all equal", GREY, "-")],
+        True,
+    ),
+    (
+        "grpo_lengths",
+        "Completion length",
+        "tokens",
+        "GRPO: mean, shortest and longest sampled completion; a mean creeping up to the longest "
+        "is the policy running into max_completion_length.",
+        [
+            ("completions/mean_length", "mean", BLUE, "-"),
+            ("completions/min_length", "min", GREY, ":"),
+            ("completions/max_length", "max", GREY, "--"),
+        ],
+        True,
+    ),
+    (
+        "grpo_clip",
+        "Clipped ratio",
+        "fraction of tokens",
+        "GRPO: tokens whose ratio to the sampling policy left the clip range (their gradient is cut); "
+        "0 on-policy (num_iterations 1), a few percent when a sampled batch is reused.",
+        [
+            ("clip_ratio/region_mean", "either side", BLUE, "-"),
+            ("clip_ratio/low_mean", "low", RED, ":"),
+            ("clip_ratio/high_mean", "high", GREEN, ":"),
+        ],
         True,
     ),
     (
@@ -194,7 +238,8 @@ def _write_pages(outdir: Path, dest: Path, rows: dict, series: dict) -> Path:
             fig = _histogram(series["rewards/chosen"][1], series["rewards/rejected"][1])
             figures.append(("rewards_hist", _data_uri(fig), "Implicit reward distribution", HIST_CAPTION))
     index = dest / "index.html"
-    write_text_atomic(index, _html(outdir, _config_summary(outdir), _summary(rows), figures))
+    grpo = any("frac_reward_zero_std" in r for r in rows["train"])  # a GRPO run logs it
+    write_text_atomic(index, _html(outdir, _config_summary(outdir, grpo), _summary(rows), figures))
     return index
 
 
@@ -336,7 +381,7 @@ def _histogram(chosen: list, rejected: list):
     return fig
 
 
-def _config_summary(outdir: Path) -> list:
+def _config_summary(outdir: Path, grpo: bool = False) -> list:
     """[(label, value)] of the settings that matter from OUTDIR/prefopt.yaml; [] when absent."""
     path = outdir / "prefopt.yaml"
     if not path.is_file():
@@ -348,18 +393,34 @@ def _config_summary(outdir: Path) -> list:
     if not isinstance(cfg, dict):
         return [("config", "prefopt.yaml is not a mapping")]
     model, lora, loss, train, data = (cfg.get(s) or {} for s in ("model", "lora", "loss", "train", "data"))
+    g = cfg.get("grpo") or {}
+    unit = "prompts " if grpo else ""
+    objective = [
+        ("method", "GRPO"),
+        ("reward", g.get("reward")),
+        ("prompts", g.get("prompts")),
+        ("completions per prompt", g.get("num_generations")),
+        ("beta", g.get("beta")),
+        ("loss type", g.get("loss_type")),
+    ]
     items = [
         ("model", model.get("name")),
-        ("loss", loss.get("name")),
-        ("beta", loss.get("beta") if loss.get("beta") is not None else "default"),
+        *(
+            objective
+            if grpo
+            else [
+                ("loss", loss.get("name")),
+                ("beta", loss.get("beta") if loss.get("beta") is not None else "default"),
+            ]
+        ),
         ("LoRA", f"r={lora.get('r')}, alpha={lora.get('alpha')}" if lora.get("enabled") else "off"),
         ("learning rate", train.get("lr")),
-        ("batch", f"{train.get('batch_size')} per device × {train.get('grad_accum', 1)} accumulation"),
+        ("batch", f"{train.get('batch_size')} {unit}per device × {train.get('grad_accum', 1)} accumulation"),
         (
             "length",
             f"{train['max_steps']} steps" if (train.get("max_steps") or -1) > 0 else f"{train.get('epochs')} epochs",
         ),
-        ("train data", data.get("train")),
+        ("train data", None if grpo else data.get("train")),
     ]
     return [(k, v) for k, v in items if v is not None]
 
@@ -372,6 +433,7 @@ def _summary(rows: dict) -> list:
         ("steps", max(r["step"] for r in train) if train else None),
         ("first loss", losses[0] if losses else None),
         ("last loss", losses[-1] if losses else None),
+        ("final sampled reward (GRPO)", _last(train, "reward")),
         ("final accuracy", _last(train, "rewards/accuracies")),
         ("final margin", _last(train, "rewards/margins")),
         ("final reward–length correlation", _last(train, "rewards/length_corr")),
