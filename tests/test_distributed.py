@@ -135,6 +135,17 @@ def test_ddp_two_processes_equal_one_process_and_grad_accum(tmp_path, tiny_dir):
     assert len(list((tmp_path / "ref-cache-ddp").glob("*"))) == 1  # no temporary file left
 
 
+def test_lora_under_ddp_equals_one_process(tmp_path, tiny_dir):
+    """A LoRA adapter under DDP (transformers would search a peft model's forward output for unused
+    parameters, and the engine's loss does not come from that output: prefopt turns the search off)."""
+    keys = ("loss", "grad_norm", "rewards/margins", "logps/rejected")
+    lora = {"enabled": True, "r": 4, "alpha": 8}
+    raw = {**base_config(tmp_path, tiny_dir, PAIRS, "lora-ddp", batch_size=2), "lora": lora}
+    ddp = torchrun(tmp_path, raw, nproc=2)
+    one = in_process({**base_config(tmp_path, tiny_dir, PAIRS, "lora-one", batch_size=4), "lora": lora})
+    same_run(one, ddp, keys, weights="adapter_model.safetensors")
+
+
 def test_kto_under_ddp_takes_its_kl_baseline_over_the_global_batch(tmp_path, tiny_dir):
     keys = ("loss", "grad_norm", "kl", "rewards/accuracies")
     loss = {"name": "kto", "beta": 0.1}

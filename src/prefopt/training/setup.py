@@ -110,7 +110,11 @@ def training_arguments(cfg: Config, bf16: bool) -> TrainingArguments:
             disable_tqdm=not t.progress,
             # "mlp" is prefopt's own (see build_model); newer transformers renamed the option
             **{_checkpointing_arg(): t.gradient_checkpointing is True},
-            **training_args_kwargs(cfg),
+            # every trainable weight takes part in each loss, but not in what the model's forward
+            # returns (the engine reads the decoder's output through a hook): DDP must not search
+            # the forward's output for unused parameters (transformers turns the search on for a
+            # peft model), or it marks the adapter's weights ready twice
+            **{"ddp_find_unused_parameters": False, **training_args_kwargs(cfg)},
         ),
     )
 
