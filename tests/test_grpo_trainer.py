@@ -280,3 +280,38 @@ def test_prefopt_grpo_on_the_code_task_scores_in_the_sandbox(tiny_dir, tmp_path)
         r for r in map(json.loads, (tmp_path / "code" / "metrics.jsonl").read_text().splitlines()) if "loss" in r
     )
     assert row["rewards/tests/mean"] == 0.0 and row["frac_reward_zero_std"] == 1.0
+
+
+def test_grpo_under_ddp_keeps_each_process_batch_and_resumes_it(tiny_dir, prompts_file, tmp_path):
+    """2-process CPU DDP (torchrun, gloo), μ = 2: each process samples its own prompts' groups and
+    saves its own cycle batch in every checkpoint; resumed from the mid-cycle checkpoint-3 (the
+    later checkpoints and the final adapter removed), the run ends with the same adapter."""
+    import shutil
+
+    from test_distributed import free_port
+
+    out = tmp_path / "ddp"
+    raw = grpo_config(tiny_dir, prompts_file, out, num_iterations=2)
+    raw["train"].update(batch_size=1, grad_accum=2)
+    cfg_path = tmp_path / "ddp.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+
+    def torchrun(*extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+        cmd += ["--master_port", str(free_port()), "-m", "prefopt", "grpo", str(cfg_path), *extra]
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    torchrun()
+    final = load_file(str(out / "adapter_model.safetensors"))
+    batches = [load_file(str(out / "checkpoint-3" / BUFFER_FILE.format(rank=r))) for r in (0, 1)]
+    assert not torch.equal(batches[0]["0/input_ids"], batches[1]["0/input_ids"])  # each its own prompts
+    for folder in out.iterdir():
+        if folder.name.startswith("checkpoint-") and int(folder.name.split("-")[1]) > 3:
+            shutil.rmtree(folder)
+    (out / "adapter_model.safetensors").unlink()
+    torchrun("--resume")
+    resumed = load_file(str(out / "adapter_model.safetensors"))
+    assert max((final[k] - resumed[k]).abs().max().item() for k in final) <= 1e-6
