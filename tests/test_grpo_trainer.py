@@ -315,3 +315,18 @@ def test_grpo_under_ddp_keeps_each_process_batch_and_resumes_it(tiny_dir, prompt
     torchrun("--resume")
     resumed = load_file(str(out / "adapter_model.safetensors"))
     assert max((final[k] - resumed[k]).abs().max().item() for k in final) <= 1e-6
+
+
+def test_a_malformed_problems_file_exits_2_naming_file_line_and_field(tmp_path):
+    """prefopt grpo on your problems (grpo.prompts code:FILE, reward tests:FILE): a bad line stops
+    the run before anything is loaded, with exit code 2 and the file, line and field."""
+    bad = tmp_path / "problems.jsonl"
+    bad.write_text(
+        '{"prompt": "def f(x):", "tests": ["assert f(1) == 1"]}\n{"prompt": "def g(x):", "tests": ["assert (g(1"]}\n'
+    )
+    for key, value in (("grpo.reward", f"tests:{bad}"), ("grpo.prompts", f"code:{bad}")):
+        cmd = [sys.executable, "-m", "prefopt", "grpo", f"--{key}", value, "--train.output_dir", str(tmp_path / "out")]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert f"{bad} line 2: field 'tests': test 1 is not valid Python" in done.stderr
+        assert "Traceback" not in done.stderr
