@@ -2,14 +2,24 @@
 
     python benchmarks/vs_trl.py                  # embedded SmolLM2-135M, full fine-tune and LoRA
     python benchmarks/vs_trl.py --quick          # a tiny random model: checks the machinery only
-    python benchmarks/vs_trl.py --modes lora --steps 8 --trl bf16,bf16+precompute,fp32
+    python benchmarks/vs_trl.py --modes lora --steps 8 --repeats 5 --trl bf16,bf16+precompute,fp32
+    python benchmarks/vs_trl.py --lengths 1024,2048,4096,8192    # peak memory and tokens/s against length
 
 TRL is needed only here (`pip install --no-deps trl` beside prefopt's dependencies). Every run is its
-own process (so its peak RSS is its own), runs alternate prefopt / TRL, and each reports the
-steady-state seconds per step (median over the steps after the first), the one-off set-up (model
-load, reference precompute), the step-1 loss, and its peak RSS. TRL runs in each configuration
-listed by --trl and its fastest is compared with prefopt's defaults. Pairs are the first HH-harmless
+own process (so its peak RSS is its own) and reports the steady-state seconds per step (median over
+the steps after the first), the one-off set-up (model load, reference precompute), the step-1 loss,
+and its peak RSS. prefopt runs with its defaults; TRL in each configuration listed by --trl. The
+runs are repeated --repeats times, interleaved (prefopt, each TRL configuration, then again), and
+each configuration is summarised by its median and its spread (min–max). prefopt is compared on
+speed with TRL's fastest configuration (highest median pairs/s) and on memory with TRL's leanest
+(lowest median peak RSS) — each TRL configuration at its own game. A last pair of short float32
+runs checks that both trainers compute the same loss (steps 1 and 2). Pairs are the first HH-harmless
 pairs whose prompt + longer response fit max_length, so neither trainer truncates.
+
+--lengths builds synthetic long pairs from real HH text (a prompt of half the length, two responses
+of half the length each, cut at token boundaries) and runs batch 1, full fine-tune, bf16, precomputed
+reference for both (prefopt's defaults; TRL with gradient checkpointing), reporting peak RSS and
+tokens/s per length and the least-squares slope of peak RSS per 1k tokens.
 
 Throughput is reported as pairs/s and "real tokens"/s, where a pair's real tokens are what a
 trainer without prefix sharing must compute: prompt + chosen + prompt + rejected (the unit of the
@@ -98,7 +108,9 @@ def run_prefopt(job: dict) -> dict:
         t0 = time.perf_counter()
         summary = pt.train(cfg)
         bf16 = summary["bf16"]
-    return {"first_loss": summary["first_loss"], "times": timer.times, "t0": t0, "bf16": bf16}
+        logged = [json.loads(x) for x in open(f"{tmp}/out/metrics.jsonl")]
+    losses = [r["loss"] for r in logged if "loss" in r]
+    return {"first_loss": summary["first_loss"], "losses": losses, "times": timer.times, "t0": t0, "bf16": bf16}
 
 
 def run_trl(job: dict) -> dict:
@@ -151,7 +163,7 @@ def run_trl(job: dict) -> dict:
         )
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"first_loss": losses[0], "times": timer.times, "t0": t0, "bf16": bf16}
+    return {"first_loss": losses[0], "losses": losses, "times": timer.times, "t0": t0, "bf16": bf16}
 
 
 def worker(job: dict) -> None:
@@ -243,6 +255,147 @@ def launch(job: dict) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def measure(job: dict, repeat: int, batch: int, params: int, per_step: dict, peaks: dict) -> dict:
+    """One run of `job` in its own process, as a row, printed."""
+    r = launch(job)
+    mode = job["mode"]
+    useful = (6 if mode == "full" else 4) * params * per_step["unique"] / r["s_per_step"]
+    row = dict(
+        who=job["who"],
+        mode=mode,
+        variant=job["variant"],
+        repeat=repeat,
+        **r,
+        pairs_per_s=batch / r["s_per_step"],
+        real_tokens_per_s=per_step["real"] / r["s_per_step"],
+        flops_fraction=useful / peaks["bfloat16" if r["bf16"] else "float32"],
+    )
+    print(
+        f"{row['who']:<8} {mode:<5} {row['variant']:<22} #{repeat + 1} {row['s_per_step']:6.2f} s/step  "
+        f"{row['pairs_per_s']:5.2f} pairs/s  {row['real_tokens_per_s']:6.0f} tok/s  step-1 loss "
+        f"{row['first_loss']:.4f}  setup {row['setup_s']:5.1f} s  peak RSS {row['peak_rss_gb']:.2f} GB  "
+        f"{row['flops_fraction']:.1%} of peak",
+        flush=True,
+    )
+    return row
+
+
+def _stats(values: list) -> tuple:
+    """(median, min, max)."""
+    return statistics.median(values), min(values), max(values)
+
+
+def summarise(rows: list, mode: str) -> None:
+    """Per configuration: median and spread of pairs/s and peak RSS; prefopt against TRL's fastest
+    (speed) and TRL's leanest (memory)."""
+    configs = {}
+    for r in rows:
+        if r["mode"] == mode:
+            configs.setdefault((r["who"], r["variant"]), []).append(r)
+    print(f"{mode}: median (min–max) over {max(len(v) for v in configs.values())} interleaved runs")
+    table = {}
+    for (who, variant), runs in configs.items():
+        speed, rss = _stats([r["pairs_per_s"] for r in runs]), _stats([r["peak_rss_gb"] for r in runs])
+        flops = statistics.median(r["flops_fraction"] for r in runs)
+        table[(who, variant)] = (speed, rss)
+        print(
+            f"  {who:<8} {variant:<22} {speed[0]:5.2f} pairs/s ({speed[1]:.2f}–{speed[2]:.2f})   "
+            f"peak RSS {rss[0]:.2f} GB ({rss[1]:.2f}–{rss[2]:.2f})   {flops:.1%} of matmul peak"
+        )
+    trl = {k: v for k, v in table.items() if k[0] == "trl"}
+    mine = table.get(("prefopt", "defaults"))
+    if not trl or mine is None:
+        return
+    fastest = max(trl, key=lambda k: trl[k][0][0])
+    leanest = min(trl, key=lambda k: trl[k][1][0])
+    speed_ratio = mine[0][0] / trl[fastest][0][0]
+    rss_ratio = mine[1][0] / trl[leanest][1][0]
+    print(
+        f"  prefopt vs TRL's fastest ({fastest[1]}): {speed_ratio:.2f}x pairs/s (target >= 2.0: "
+        f"{'met' if speed_ratio >= 2.0 else 'not met'}); vs TRL's leanest ({leanest[1]}): {rss_ratio:.2f}x peak RSS "
+        f"(target <= 0.5: {'met' if rss_ratio <= 0.5 else 'not met'})"
+    )
+
+
+def loss_check(base: dict, mode: str) -> list:
+    """Two float32 steps of each trainer on the same pairs: their losses at steps 1 and 2."""
+    job = dict(base, steps=2, mode=mode, prefopt_train={**base["prefopt_train"], "bf16": False})
+    mine = launch(dict(job, who="prefopt", variant="fp32"))
+    theirs = launch(dict(job, who="trl", variant="fp32"))
+    out = []
+    for step, (a, b) in enumerate(zip(mine["losses"], theirs["losses"]), 1):
+        out.append({"step": step, "prefopt": a, "trl": b, "diff": abs(a - b)})
+        print(f"float32 {mode} step {step}: loss prefopt {a:.6f}, TRL {b:.6f}, |diff| {abs(a - b):.1e}")
+    return out
+
+
+def long_pairs(tokenizer, length: int, n: int) -> list[dict]:
+    """n synthetic pairs of `length` tokens (prompt + longer response) from real HH text: a prompt of
+    length // 2 tokens and two responses of length // 2 (chosen) and length // 2 - 16 (rejected),
+    each the HH transcripts laid end to end and cut at a token boundary."""
+    texts = []
+    for line in open(HH):
+        r = json.loads(line)
+        texts += [r["prompt"] + r["chosen"], r["rejected"]]
+    ids = tokenizer("".join(texts[:4000]), add_special_tokens=False).input_ids
+    half = length // 2
+    pairs, at = [], 0
+    for _ in range(n):
+        take = []
+        for size in (half, half - 1, half - 17):  # the responses get an EOS: prompt + chosen = length
+            take.append(tokenizer.decode(ids[at : at + size]))
+            at += size
+        pairs.append({"prompt": take[0], "chosen": take[1], "rejected": take[2]})
+    return pairs
+
+
+def length_mode(a, tokenizer, smol: str) -> None:
+    """Peak RSS and tokens/s against length for prefopt's defaults and TRL's leanest configuration."""
+    tmp = Path(tempfile.mkdtemp(prefix="vs-trl-len-"))
+    lengths = [int(x) for x in a.lengths.split(",")]
+    steps = 3
+    results = []
+    for length in lengths:
+        data = tmp / f"pairs-{length}.jsonl"
+        pairs = long_pairs(tokenizer, length, steps)
+        data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        unique = sum(
+            len(tokenizer(p[k], add_special_tokens=False).input_ids) + (k != "prompt") for p in pairs for k in p
+        )
+        base = dict(
+            model=smol,
+            data=str(data),
+            steps=steps,
+            batch=1,
+            max_length=length + 8,
+            beta=a.beta,
+            lr=a.lr,
+            mode="full",
+            prefopt_train=json.loads(a.prefopt_train),
+        )
+        for who, variant in (("prefopt", "defaults"), ("trl", "bf16+gc+precompute")):
+            r = launch(dict(base, who=who, variant=variant))
+            row = dict(length=length, who=who, variant=variant, **r, tokens_per_s=unique / steps / r["s_per_step"])
+            results.append(row)
+            print(
+                f"{length:>6} {who:<8} {variant:<22} {row['s_per_step']:7.2f} s/step  "
+                f"{row['tokens_per_s']:6.0f} tok/s  peak RSS {row['peak_rss_gb']:.2f} GB",
+                flush=True,
+            )
+    print()
+    slopes = {}
+    for who in ("prefopt", "trl"):
+        xs = [r["length"] / 1000 for r in results if r["who"] == who]
+        ys = [r["peak_rss_gb"] for r in results if r["who"] == who]
+        if len(xs) > 1:
+            slopes[who] = statistics.linear_regression(xs, ys).slope
+            print(f"{who}: peak RSS slope {slopes[who]:.2f} GB per 1k tokens")
+    if len(slopes) == 2:
+        print(f"prefopt / TRL slope: {slopes['prefopt'] / slopes['trl']:.2f} (target <= 0.5)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rows": results, "slopes": slopes}, indent=1))
+
+
 def _trl_version() -> str:
     try:
         import trl
@@ -264,10 +417,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument(
         "--trl",
-        default="bf16,bf16+precompute",
+        default="bf16,bf16+precompute,bf16+gc+precompute",
         help="TRL configurations to try: comma-separated "
         "variants of fp32|bf16 with +gc (gradient checkpointing) and +precompute; '' for none",
     )
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every configuration")
+    ap.add_argument("--no-check", action="store_true", help="skip the float32 loss check")
+    ap.add_argument("--lengths", help="comma-separated lengths (tokens): the length mode instead of the table")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument(
         "--prefopt-train",
@@ -287,6 +443,8 @@ def main() -> None:
 
     smol = load.resolve("default")
     tokenizer = load.load_tokenizer(smol)
+    if a.lengths:
+        return length_mode(a, tokenizer, smol)
     steps = 3 if a.quick else a.steps
     pairs, totals = pick_pairs(tokenizer, steps * a.batch, a.max_length)
     tmp = Path(tempfile.mkdtemp(prefix="vs-trl-"))
@@ -319,43 +477,13 @@ def main() -> None:
     for mode in a.modes.split(","):
         runs = [dict(base, who="prefopt", mode=mode, variant="defaults")]
         runs += [dict(base, who="trl", mode=mode, variant=v) for v in a.trl.split(",") if v]
-        # alternate: prefopt first, then each TRL configuration, then prefopt again
-        order = runs[:1] + runs[1:] + runs[:1]
-        for job in order:
-            r = launch(job)
-            pairs_s = a.batch / r["s_per_step"]
-            useful = (6 if mode == "full" else 4) * params * per_step["unique"] / r["s_per_step"]
-            row = dict(
-                who=job["who"],
-                mode=mode,
-                variant=job["variant"],
-                **r,
-                pairs_per_s=pairs_s,
-                real_tokens_per_s=per_step["real"] / r["s_per_step"],
-                flops_fraction=useful / peaks["bfloat16" if r["bf16"] else "float32"],
-            )
-            rows.append(row)
-            print(
-                f"{row['who']:<8} {mode:<5} {row['variant']:<22} {row['s_per_step']:6.2f} s/step  "
-                f"{pairs_s:5.2f} pairs/s  {row['real_tokens_per_s']:6.0f} tok/s  step-1 loss "
-                f"{row['first_loss']:.4f}  setup {row['setup_s']:5.1f} s  peak RSS {row['peak_rss_gb']:.2f} GB  "
-                f"{row['flops_fraction']:.1%} of peak",
-                flush=True,
-            )
+        for repeat in range(a.repeats):  # interleaved: every configuration once per repeat
+            for job in runs:
+                rows.append(measure(job, repeat, a.batch, params, per_step, peaks))
     print()
     for mode in a.modes.split(","):
-        mine = [r for r in rows if r["who"] == "prefopt" and r["mode"] == mode]  # both runs, averaged
-        if not any(r["who"] == "trl" and r["mode"] == mode for r in rows):
-            continue
-        theirs = min((r for r in rows if r["who"] == "trl" and r["mode"] == mode), key=lambda r: r["s_per_step"])
-        ours_pairs = a.batch / statistics.mean(r["s_per_step"] for r in mine)
-        ours_rss = max(r["peak_rss_gb"] for r in mine)
-        print(
-            f"{mode}: prefopt {ours_pairs:.2f} pairs/s (mean of its runs) vs TRL's fastest ({theirs['variant']}) "
-            f"{theirs['pairs_per_s']:.2f}: {ours_pairs / theirs['pairs_per_s']:.2f}x; peak RSS {ours_rss:.2f} vs "
-            f"{theirs['peak_rss_gb']:.2f} GB: {ours_rss / theirs['peak_rss_gb']:.2f}x; step-1 loss "
-            f"{mine[0]['first_loss']:.5f} vs {theirs['first_loss']:.5f}"
-        )
+        summarise(rows, mode)
+    checks = [] if a.no_check else loss_check(base, a.modes.split(",")[0])
     meta = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": platform.processor() or platform.machine(),
@@ -367,7 +495,7 @@ def main() -> None:
         "per_step_tokens": per_step,
     }
     if a.json:
-        Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows, "loss_check": checks}, indent=1))
 
 
 if __name__ == "__main__":
