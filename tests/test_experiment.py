@@ -139,3 +139,71 @@ def test_cli_rounds_and_frontier_quick(tiny_dir, tmp_path, capsys):
     assert "does not tell the samples apart" in capsys.readouterr().err
     assert main(["frontier", "--model", tiny_dir, "--grid", "{dpo: [0]}"]) == 2
     assert "grid.dpo" in capsys.readouterr().err
+
+
+def test_code_dpo_pairs_a_passing_answer_with_a_failing_one(smol_tokenizer):
+    """Code-DPO's pairs (reward tests_binary): a problem with a passing and a failing answer gives
+    (passing, failing); one where every answer passes, or every answer fails, is dropped and counted."""
+    from prefopt.tasks import code
+
+    tok = smol_tokenizer
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    problems = code.problems("train")[:3]
+    texts = [code.chat_prompt(p, tok) for p in problems]
+    right = [f"```python\n{p.solution}\n```" for p in problems]
+    wrong = [f"```python\ndef {p.entry_point}(*args, **kwargs):\n    return None\n```" for p in problems]
+    samples = [
+        [enc(wrong[0]), enc(right[0]), enc(wrong[0])],  # pass and fail: a pair
+        [enc(right[1]), enc(right[1])],  # all pass: dropped
+        [enc(wrong[2]), enc(wrong[2])],  # all fail: dropped
+    ]
+    reward = rewards.get("tests_binary")
+    pairs, counts = build_pairs([enc(t) for t in texts], texts, samples, tok, reward, "best_vs_worst", 0.1, 0)
+    assert counts == {"prompts": 3, "ties": 2, "too_few_accepted": 0, "pairs": 1}
+    assert pairs[0]["chosen_ids"] == enc(right[0]) and pairs[0]["rejected_ids"] == enc(wrong[0])
+    assert (pairs[0]["chosen_reward"], pairs[0]["rejected_reward"]) == (1.0, 0.0)
+
+
+def test_the_code_prompts_keep_their_fixed_split(tiny_dir, tmp_path):
+    """prompts: code trains on train problems and evaluates on held-out ones, whatever the seed."""
+    from prefopt.tasks import code
+
+    exp = Experiment(quick(tiny_dir, tmp_path, prompts="code", train_prompts=10, eval_prompts=5, seed=3))
+    train = {code.chat_prompt(p, exp.tokenizer) for p in code.problems("train")}
+    heldout = {code.chat_prompt(p, exp.tokenizer) for p in code.problems("heldout")}
+    assert len(exp.train_text) == 10 and set(exp.train_text) <= train
+    assert len(exp.eval_text) == 5 and set(exp.eval_text) <= heldout
+    with pytest.raises(Exception, match="64 held-out prompts, but eval_prompts = 65"):
+        Experiment(quick(tiny_dir, tmp_path, prompts="code", eval_prompts=65))
+
+
+def test_grpo_in_an_experiment_trains_the_adapter(tiny_dir, tmp_path):
+    """Experiment.train_grpo: one epoch of GRPO over the training prompts, groups of `samples`."""
+    exp = Experiment(quick(tiny_dir, tmp_path, lr=5e-2))
+    model = exp.fresh_policy()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora_B" in k}
+    history = exp.train_grpo(model, exp.out / "grpo")
+    assert len(history) == 3  # 12 prompts, 4 a step
+    assert all("reward" in h and "frac_reward_zero_std" in h for h in history)
+    assert any((model.state_dict()[k] - v).abs().max() > 0 for k, v in before.items())
+
+
+def test_a_users_problems_file_is_a_prompt_set(smol_tokenizer, tmp_path):
+    """prompts: code:FILE — split by the file's `split` fields, or every third problem held out."""
+    import json
+
+    from prefopt.tasks import prompt_sets
+
+    rows = [
+        {"prompt": f"def f{i}(x):\n    '''Return x + {i}.'''", "tests": [f"assert f{i}(1) == {1 + i}"]}
+        for i in range(6)
+    ]
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    found = prompt_sets.load(f"code:{path}", smol_tokenizer)
+    assert len(found.train) == 4 and len(found.heldout) == 2
+    assert "f2(x)" in found.heldout[0] and "f5(x)" in found.heldout[1]
+    rows[0]["split"] = "heldout"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    found = prompt_sets.load(f"code:{path}", smol_tokenizer)
+    assert len(found.train) == 5 and len(found.heldout) == 1 and "f0(x)" in found.heldout[0]

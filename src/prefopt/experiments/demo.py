@@ -17,25 +17,50 @@ import logging
 import time
 from pathlib import Path
 
+from prefopt.errors import PrefoptError
 from prefopt.experiments.experiment import Experiment, ExperimentConfig, as_dict
 
 log = logging.getLogger("prefopt")
 
 DEMO = dict(prompts="sentiment", reward="vader", loss="sigmoid", beta=0.1, lr=5e-4)  # the rest: the defaults
+# Code-DPO (`--task code`): every train problem of the code task, 6 answers each from the reference;
+# a passing answer is chosen, a failing one rejected (tests_binary: 1 only when all tests pass);
+# pass@1 on every held-out problem, 4 answers each at temperature 1
+CODE = dict(
+    prompts="code",
+    reward="tests_binary",
+    train_prompts=129,
+    eval_prompts=64,
+    samples=6,
+    eval_samples=4,
+    max_new_tokens=128,
+    loss="sigmoid",
+    beta=0.1,
+    lr=5e-4,
+    epochs=2.0,
+)
+TASKS = {"sentiment": DEMO, "code": CODE}
 NOT_SETTINGS = ("out", "progress", "grid", "loss_options", "rounds")  # where results go, or keys the demo does not use
 QUICK = dict(train_prompts=16, eval_prompts=4, samples=2, eval_samples=2, max_new_tokens=8, batch_size=4)
+QUICK_CODE = dict(QUICK, samples=4, max_new_tokens=96)  # an answer needs room to pass its tests
 
 
-def demo_config(out: str = "runs/demo", seed: int = 0, quick: bool = False) -> ExperimentConfig:
-    """The demo's experiment: the built-in sentiment task, DPO at β 0.1 with lr 5e-4 (`quick`: a
-    tiny run that checks the machinery, not a result)."""
-    return ExperimentConfig(**DEMO, **(QUICK if quick else {}), out=out, seed=seed)
+def demo_config(
+    out: str = "runs/demo", seed: int = 0, quick: bool = False, task: str = "sentiment"
+) -> ExperimentConfig:
+    """The demo's experiment: the built-in sentiment task, DPO at β 0.1 with lr 5e-4; or (`task`
+    "code") Code-DPO on the code task. `quick`: a tiny run that checks the machinery, not a result."""
+    if task not in TASKS:
+        raise PrefoptError(f"demo: --task must be one of {', '.join(TASKS)}, found {task!r}.")
+    return ExperimentConfig(
+        **{**TASKS[task], **((QUICK_CODE if task == "code" else QUICK) if quick else {}), "out": out, "seed": seed}
+    )
 
 
-def run_demo(out: str = "runs/demo", seed: int = 0, quick: bool = False) -> dict:
-    """Run the demo, print its table, write demo_results.json and demo_pairs.jsonl (and the
-    adapter with its prefopt.yaml) into `out`; returns the results."""
-    cfg = demo_config(out, seed, quick)
+def run_demo(out: str = "runs/demo", seed: int = 0, quick: bool = False, task: str = "sentiment") -> dict:
+    """Run the demo of `task`, print its table, write demo_results.json and demo_pairs.jsonl (and
+    the adapter with its prefopt.yaml) into `out`; returns the results."""
+    cfg = demo_config(out, seed, quick, task)
     t0 = time.time()
     times = {}
     exp = Experiment(cfg)
@@ -71,6 +96,7 @@ def run_demo(out: str = "runs/demo", seed: int = 0, quick: bool = False) -> dict
         "reward_se": round(ev["reward_se"], 3),
         "win_rate": round(ev["win_rate"], 3),
         "kl_nats": round(ev["kl_nats"], 2),
+        "task": task,
         "first_loss": round(train_log[0]["loss"], 4),
         "last_loss": round(train_log[-1]["loss"], 4),
         "steps": train_log[-1]["step"],
@@ -109,16 +135,31 @@ def _write(exp: Experiment, examples: list[dict], ev: dict, result: dict) -> Non
     (Path(exp.out) / "demo_results.json").write_text(json.dumps({**result, "samples": samples}, indent=2))
 
 
+TITLES = {
+    "sentiment": (
+        "prefopt demo: DPO on controlled sentiment (SmolLM2-135M-Instruct, LoRA, VADER reward)",
+        "mean sentiment reward",
+        "prompts dropped for ties",
+    ),
+    "code": (
+        "prefopt demo --task code: Code-DPO on the code task (SmolLM2-135M-Instruct, LoRA, unit tests in the sandbox)",
+        "pass@1, temperature 1",
+        "problems dropped: all answers pass or all fail",
+    ),
+}
+
+
 def table(r: dict) -> str:
     """The demo's printed table."""
+    title, measure, ties = TITLES[r.get("task", "sentiment")]
     lines = [
         "",
-        "prefopt demo: DPO on controlled sentiment (SmolLM2-135M-Instruct, LoRA, VADER reward)",
-        f"  {r['pairs']} training pairs ({r['ties_dropped']} prompts dropped for ties), "
+        title,
+        f"  {r['pairs']} training pairs ({r['ties_dropped']} {ties}), "
         f"{r['steps']} steps, loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}",
         "",
         f"  {'held-out, ' + str(r['eval_samples']) + ' samples':<30}{'reference':>12}{'DPO policy':>12}",
-        f"  {'mean sentiment reward':<30}{r['reward_reference']:>12.3f}{r['reward_policy']:>12.3f}",
+        f"  {measure:<30}{r['reward_reference']:>12.3f}{r['reward_policy']:>12.3f}",
         f"  {'gain (± s.e.)':<30}{'':>12}{r['reward_gain']:>+8.3f} ±{r['reward_se']:.2f}",
         f"  {'win rate vs reference':<30}{'':>12}{r['win_rate']:>12.3f}",
         f"  {'KL(policy || reference), nats':<30}{0.0:>12.2f}{r['kl_nats']:>12.2f}",

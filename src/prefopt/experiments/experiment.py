@@ -5,7 +5,7 @@ build preference pairs, train a LoRA adapter, measure reward and KL on held-out 
 iterations) are this loop with different settings. An experiment config (YAML):
 
     model: default                  # as in a training config
-    prompts: sentiment              # built-in movie-review openings, or a .txt/.jsonl prompts file
+    prompts: sentiment              # built-in movie-review openings | code (the code task's split) | a .txt/.jsonl file
     reward: vader                   # prefopt.evaluation.rewards: vader | length | regex: | keywords: | module:fn
     train_prompts: 200              # the first N (shuffled with seed) train, the last eval_prompts evaluate
     eval_prompts: 40
@@ -44,6 +44,7 @@ import torch
 from prefopt import config, losses
 from prefopt.config import (
     Config,
+    GRPOConfig,
     LoraConfig,
     LossConfig,
     ModelConfig,
@@ -56,10 +57,10 @@ from prefopt.config import (
 from prefopt.data.tokenize import attach_kl_completions
 from prefopt.errors import PrefoptError
 from prefopt.evaluation import rewards
-from prefopt.evaluation.generation import generation_eval, read_prompts
+from prefopt.evaluation.generation import generation_eval
 from prefopt.modeling import load, reference
 from prefopt.modeling.sampling import sample
-from prefopt.tasks import sentiment
+from prefopt.tasks import prompt_sets
 from prefopt.training.setup import make_collator, make_trainer, seed_everything, use_bf16
 
 log = logging.getLogger("prefopt")
@@ -181,16 +182,7 @@ class Experiment:
         self.reward = rewards.get(cfg.reward)
         self.path = load.resolve(cfg.model)
         self.tokenizer = load.load_tokenizer(self.path)
-        texts = self._prompt_texts()
-        need = cfg.train_prompts + cfg.eval_prompts
-        if len(texts) < need:
-            raise PrefoptError(
-                f"prompts '{cfg.prompts}': {len(texts)} prompts, but train_prompts + eval_prompts = {need}."
-            )
-        order = list(range(len(texts)))
-        random.Random(cfg.seed).shuffle(order)
-        self.train_text = [texts[i] for i in order[: cfg.train_prompts]]
-        self.eval_text = [texts[i] for i in order[len(order) - cfg.eval_prompts :]]
+        self.train_text, self.eval_text = self._split_prompts()
         self.train_ids, self.eval_ids = self.encode(self.train_text), self.encode(self.eval_text)
         self.bf16 = use_bf16("auto")
         self.autocast = torch.bfloat16 if self.bf16 else None
@@ -202,11 +194,35 @@ class Experiment:
         """Token ids of each text, without special tokens."""
         return [self.tokenizer(text, add_special_tokens=False).input_ids for text in texts]
 
-    def _prompt_texts(self) -> list[str]:
-        if self.cfg.prompts == "sentiment":
-            return sentiment.prompts()
-        texts, _ = read_prompts(self.cfg.prompts, self.tokenizer)
-        return texts
+    def _split_prompts(self) -> tuple[list[str], list[str]]:
+        """(training prompts, held-out prompts): `train_prompts` and `eval_prompts` of the prompt
+        set (prefopt.tasks.prompt_sets), shuffled with the seed — from its fixed train and held-out
+        parts where it has them (the code task), else the first and the last of one shuffled list."""
+        cfg = self.cfg
+        found = prompt_sets.load(cfg.prompts, self.tokenizer)
+        rng = random.Random(cfg.seed)
+        if found.heldout is not None:
+            train, heldout = list(found.train), list(found.heldout)
+            for name, texts, want in (("train", train, cfg.train_prompts), ("held-out", heldout, cfg.eval_prompts)):
+                if len(texts) < want:
+                    raise PrefoptError(
+                        f"prompts '{cfg.prompts}': {len(texts)} {name} prompts, but "
+                        f"{'train_prompts' if name == 'train' else 'eval_prompts'} = {want}."
+                    )
+            rng.shuffle(train)
+            rng.shuffle(heldout)
+            return train[: cfg.train_prompts], heldout[: cfg.eval_prompts]
+        texts = found.train
+        need = cfg.train_prompts + cfg.eval_prompts
+        if len(texts) < need:
+            raise PrefoptError(
+                f"prompts '{cfg.prompts}': {len(texts)} prompts, but train_prompts + eval_prompts = {need}."
+            )
+        order = list(range(len(texts)))
+        rng.shuffle(order)
+        return [texts[i] for i in order[: cfg.train_prompts]], [
+            texts[i] for i in order[len(order) - cfg.eval_prompts :]
+        ]
 
     def fresh_policy(self):
         """The base model with a new LoRA adapter (the reference is the adapter disabled)."""
@@ -306,6 +322,31 @@ class Experiment:
         if save:
             trainer.save_model(str(out))
             config.save(cfg, Path(out) / "prefopt.yaml")
+        return [h for h in trainer.state.log_history if "loss" in h]
+
+    def train_grpo(
+        self, model, out: Path, reward: Optional[str] = None, epochs: float = 1.0, **grpo_keys
+    ) -> list[dict]:
+        """GRPO on this experiment's training prompts: `model`'s adapter trained by the GRPOTrainer
+        (`epochs` over the prompts, `batch_size` prompts per step, `samples` completions each,
+        `max_new_tokens` at most), rewarded by `reward` (default: the experiment's); `grpo_keys`:
+        other keys of the config's grpo section (beta, loss_type, ...). Returns the trainer's log."""
+        from prefopt.recipes.grpo import make_grpo_trainer  # a recipe's builder: experiments are jobs too
+
+        cfg = self.training_config("sigmoid", self.cfg.beta, out)
+        cfg.train.epochs = epochs
+        cfg.grpo = GRPOConfig(
+            prompts=self.cfg.prompts,
+            reward=reward or self.cfg.reward,
+            num_generations=self.cfg.samples,
+            max_completion_length=self.cfg.max_new_tokens,
+            **grpo_keys,
+        )
+        complete(cfg, "experiment")
+        prompts = [{"prompt": t, "prompt_ids": ids} for t, ids in zip(self.train_text, self.train_ids)]
+        reward_fn = rewards.get(cfg.grpo.reward)
+        trainer = make_grpo_trainer(cfg, model, self.tokenizer, prompts, reward_fn, self.bf16)
+        trainer.train()
         return [h for h in trainer.state.log_history if "loss" in h]
 
     def evaluate(self, model) -> dict:
