@@ -16,6 +16,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_distributed import free_port
+from test_resume import RUNNER  # prefopt's CLI, SIGKILLed while writing the checkpoint of DIE_AT_SAVE_STEP
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from prefopt import config, grpo
@@ -163,20 +165,6 @@ def test_repeated_blocks_give_each_step_its_prompts_mu_times():
 
 # ---- a whole run: checkpoints, SIGKILL, resume ----
 
-RUNNER = """
-import os, signal, sys
-from transformers import Trainer
-die_at = int(os.environ.get("DIE_AT_SAVE_STEP", "-1"))
-original = Trainer._save_rng_state
-def dying(self, output_dir):
-    if self.state.global_step == die_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(self, output_dir)
-Trainer._save_rng_state = dying
-from prefopt.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
 
 def grpo_config(tiny_dir, prompts_file, out: Path, **grpo_keys) -> dict:
     return {
@@ -287,8 +275,6 @@ def test_grpo_under_ddp_keeps_each_process_batch_and_resumes_it(tiny_dir, prompt
     saves its own cycle batch in every checkpoint; resumed from the mid-cycle checkpoint-3 (the
     later checkpoints and the final adapter removed), the run ends with the same adapter."""
     import shutil
-
-    from test_distributed import free_port
 
     out = tmp_path / "ddp"
     raw = grpo_config(tiny_dir, prompts_file, out, num_iterations=2)

@@ -13,7 +13,6 @@ from typing import Union
 
 from prefopt import config as config_mod
 from prefopt.config import Config
-from prefopt.errors import PrefoptError
 from prefopt.evaluation import rewards
 from prefopt.modeling import load, reference
 from prefopt.recipes.train import (
@@ -25,6 +24,8 @@ from prefopt.recipes.train import (
     _save_outputs,
     _stop_if_nonfinite,
     _tokenizer,
+    check_flags,
+    stopped,
 )
 from prefopt.tasks import prompt_sets
 from prefopt.training import checkpoints, run_folder
@@ -46,10 +47,7 @@ def train_grpo(
     the defaults: the code task with its tests reward); returns a summary. `reward` (a function
     (prompts, completions) -> numbers) replaces grpo.reward. The run folder, --resume, --overwrite
     and --force behave as for `prefopt train`."""
-    if resume and overwrite:
-        raise PrefoptError("--resume continues the run in train.output_dir and --overwrite removes it; give one.")
-    if force and not resume:
-        raise PrefoptError("--force goes with --resume (resume although the config or data changed).")
+    check_flags(resume, overwrite, force)
     cfg = _as_config(cfg)
     t0 = time.time()
     seed_everything(cfg.train.seed)
@@ -149,13 +147,7 @@ def _run(cfg: Config, path: str, out: Path, reward_fn, resume: bool, force: bool
         "resumed_from": str(checkpoint) if checkpoint else None,
         "method": "grpo",
     }
-    stop = next(c for c in trainer.callback_handler.callbacks if isinstance(c, checkpoints.GracefulStop))
-    if stop.stopped_at is not None:
-        summary["interrupted"] = stop.stopped_at
-        summary["checkpoint"] = str(out / f"{checkpoints.PREFIX}{stop.stopped_at}")
-        log.warning(
-            "stopped at step %d; checkpoint saved in %s; continue with --resume", stop.stopped_at, summary["checkpoint"]
-        )
+    if stopped(trainer, out, summary):
         return summary
     _save_outputs(trainer, cfg, tokenizer, out, path)
     if trainer.is_world_process_zero():

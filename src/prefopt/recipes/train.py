@@ -62,10 +62,7 @@ def train(
     have been trained with this config and data unless `force`; from the start if there is none)
     or `overwrite` (remove them first). A Ctrl-C / SIGTERM stops after the current step with a
     checkpoint saved; the summary then has `interrupted` = the step, and no final model is written."""
-    if resume and overwrite:
-        raise PrefoptError("--resume continues the run in train.output_dir and --overwrite removes it; give one.")
-    if force and not resume:
-        raise PrefoptError("--force goes with --resume (resume although the config or data changed).")
+    check_flags(resume, overwrite, force)
     cfg = _as_config(cfg)
     if hasattr(model, "peft_config"):  # a peft model: its adapter is what trains, and what the config records
         _record_adapter(cfg, model)
@@ -80,6 +77,28 @@ def train(
         return _run(cfg, spec, path, out, progress, resume, force, t0, inputs)
     finally:
         run_folder.release(out)
+
+
+def check_flags(resume: bool, overwrite: bool, force: bool) -> None:
+    """A PrefoptError for --resume with --overwrite, or --force without --resume."""
+    if resume and overwrite:
+        raise PrefoptError("--resume continues the run in train.output_dir and --overwrite removes it; give one.")
+    if force and not resume:
+        raise PrefoptError("--force goes with --resume (resume although the config or data changed).")
+
+
+def stopped(trainer, out: Path, summary: dict) -> bool:
+    """Whether Ctrl-C / SIGTERM stopped the run (a checkpoint saved); if so `summary` gets
+    `interrupted` (the step) and `checkpoint`, and the way on is said."""
+    stop = next(c for c in trainer.callback_handler.callbacks if isinstance(c, checkpoints.GracefulStop))
+    if stop.stopped_at is None:
+        return False
+    summary["interrupted"] = stop.stopped_at
+    summary["checkpoint"] = str(out / f"{checkpoints.PREFIX}{stop.stopped_at}")
+    log.warning(
+        "stopped at step %d; checkpoint saved in %s; continue with --resume", stop.stopped_at, summary["checkpoint"]
+    )
+    return True
 
 
 @dataclass
@@ -166,13 +185,7 @@ def _run(
     result = _fit(trainer, checkpoint)
     _stop_if_nonfinite(trainer, out)
     summary = _summary(trainer, result, out, train_examples, eval_examples, bf16, checkpoint, t0)
-    stop = next(c for c in trainer.callback_handler.callbacks if isinstance(c, checkpoints.GracefulStop))
-    if stop.stopped_at is not None:
-        summary["interrupted"] = stop.stopped_at
-        summary["checkpoint"] = str(out / f"{checkpoints.PREFIX}{stop.stopped_at}")
-        log.warning(
-            "stopped at step %d; checkpoint saved in %s; continue with --resume", stop.stopped_at, summary["checkpoint"]
-        )
+    if stopped(trainer, out, summary):
         return summary
     if eval_examples:
         trainer.evaluate()
