@@ -176,7 +176,8 @@ def test_refusals_name_the_prefopt_key_to_use():
 
 def test_training_arguments_prefopt_passes_are_never_passed_through(monkeypatch):
     """Every keyword the recipe's training_arguments gives TrainingArguments is prefopt's: none can come
-    from train.args too (a duplicate keyword would be a TypeError)."""
+    from train.args too (a duplicate keyword would be a TypeError), except the defaults train.args
+    may replace (setup.PASSTHROUGH_DEFAULTS), where the user's value wins."""
     from prefopt.training import setup
 
     seen = {}
@@ -190,7 +191,12 @@ def test_training_arguments_prefopt_passes_are_never_passed_through(monkeypatch)
     monkeypatch.setattr(setup, "TrainingArguments", Recorder)
     cfg = config.from_dict({"train": {"optim": "sgd"}})
     setup.training_arguments(cfg, bf16=False)
-    assert seen and not set(seen) & set(config.passthrough_names("train")) - set(config.training_args_kwargs(cfg))
+    passed = set(config.passthrough_names("train")) - set(config.training_args_kwargs(cfg))
+    assert seen and set(seen) & passed == set(setup.PASSTHROUGH_DEFAULTS)
+    assert seen["ddp_find_unused_parameters"] is False
+    cfg = config.from_dict({"train": {"ddp_find_unused_parameters": True}})
+    setup.training_arguments(cfg, bf16=False)
+    assert seen["ddp_find_unused_parameters"] is True
 
 
 def test_check_training_args_names_the_key_transformers_refuses(tmp_path):

@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     )
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=[handler])
     try:
-        return COMMANDS[args.command](args, rest)
+        code = COMMANDS[args.command](args, rest)
     except PrefoptError as e:
         if debug:
             raise
@@ -209,6 +209,19 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("prefopt: interrupted", file=sys.stderr)
         return 130
+    if code == 0:
+        _end_process_group()
+    return code
+
+
+def _end_process_group() -> None:
+    """Under torchrun / accelerate launch, after a job every process finished, take the process group
+    down before the interpreter exits (left to exit, gloo's threads can abort a process whose work is
+    done: "terminate called without an active exception"). Not on an error: another process may
+    still be inside a collective."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # Each command imports what it runs when it runs: `prefopt --help` and a mistyped command answer

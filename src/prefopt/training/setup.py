@@ -71,6 +71,14 @@ def build_model(cfg: Config, path: str, model=None):
     return model
 
 
+# TrainingArguments fields prefopt sets unless train: gives them. ddp_find_unused_parameters: every
+# trainable weight takes part in each loss, but not in what the model's forward returns (the engine
+# reads the decoder's output through a hook), so DDP must not search the forward's output for unused
+# parameters — transformers turns the search on for a peft model, and it then marks the adapter's
+# weights ready twice.
+PASSTHROUGH_DEFAULTS = {"ddp_find_unused_parameters": False}
+
+
 def _checkpointing_arg() -> str:
     fields = TrainingArguments.__dataclass_fields__
     return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
@@ -110,11 +118,7 @@ def training_arguments(cfg: Config, bf16: bool) -> TrainingArguments:
             disable_tqdm=not t.progress,
             # "mlp" is prefopt's own (see build_model); newer transformers renamed the option
             **{_checkpointing_arg(): t.gradient_checkpointing is True},
-            # every trainable weight takes part in each loss, but not in what the model's forward
-            # returns (the engine reads the decoder's output through a hook): DDP must not search
-            # the forward's output for unused parameters (transformers turns the search on for a
-            # peft model), or it marks the adapter's weights ready twice
-            **{"ddp_find_unused_parameters": False, **training_args_kwargs(cfg)},
+            **{**PASSTHROUGH_DEFAULTS, **training_args_kwargs(cfg)},
         ),
     )
 
