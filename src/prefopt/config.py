@@ -209,9 +209,11 @@ class TrainConfig:
 class GRPOConfig:
     """`prefopt grpo` only (`prefopt train` ignores it): where the prompts come from, the reward,
     and the GRPO objective, with the names of TRL's GRPOConfig (docs/grpo.md). train.batch_size
-    counts prompts here: each step samples batch_size × num_generations completions."""
+    counts prompts here: each micro-batch samples batch_size × num_generations completions."""
 
-    prompts: str = _key("code", "code (the code task's train problems) | sentiment | a .txt/.jsonl prompts file")
+    prompts: str = _key(
+        "code", "code (the code task's train problems) | code:PROBLEMS.jsonl | sentiment | a .txt/.jsonl prompts file"
+    )
     reward: str = _key(
         "tests", "tests | tests_binary | vader | length | regex:... | keywords:... | module:fn (docs/evaluation.md)"
     )
