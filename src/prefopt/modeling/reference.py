@@ -421,10 +421,13 @@ def for_training(
     return ref_model.requires_grad_(False).eval()
 
 
-def outputs(model, batch: dict, ref_model=None, chunk: int = 1024, precomputed: bool = True) -> dict:
+def outputs(
+    model, batch: dict, ref_model=None, chunk: int = 1024, precomputed: bool = True, tokens: bool = False
+) -> dict:
     """{"logps"} of the reference for a training batch (and "subset_logps" when the batch flags a
     token subset): precomputed values carried by the batch (unless `precomputed` is false), a
-    frozen copy, or the policy with its adapter off."""
+    frozen copy, or the policy with its adapter off. With `tokens` (not precomputed), also the
+    per-token `token_logps` (sequence_logps' tokens=True)."""
     if precomputed and "ref_logps" in batch:
         out = {"logps": batch["ref_logps"]}
         if "ref_subset_logps" in batch:
@@ -432,12 +435,12 @@ def outputs(model, batch: dict, ref_model=None, chunk: int = 1024, precomputed: 
         return out
     with torch.no_grad():
         if ref_model is not None:
-            return sequence_logps(ref_model, batch, chunk)
+            return sequence_logps(ref_model, batch, chunk, tokens=tokens)
         base = model.module if hasattr(model, "module") and not hasattr(model, "disable_adapter") else model
         if not hasattr(base, "disable_adapter"):
             raise RuntimeError("no reference: give ref_model, precomputed ref_logps, or a peft model")
         with base.disable_adapter():
-            return sequence_logps(model, batch, chunk)
+            return sequence_logps(model, batch, chunk, tokens=tokens)
 
 
 # --------------------------------------------------------------------------------------------

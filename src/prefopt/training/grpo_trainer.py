@@ -34,13 +34,14 @@ from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import Sampler
 from transformers import TrainingArguments
 
 from prefopt import grpo
 from prefopt.data.collate import Collator
-from prefopt.modeling.logprobs import adapter_disabled, padded_tokens, sequence_logps
+from prefopt.modeling import reference
+from prefopt.modeling.logprobs import padded_tokens, sequence_logps
 from prefopt.modeling.sampling import sample
 from prefopt.training.trainer import RunTrainer
 
@@ -198,11 +199,7 @@ class GRPOTrainer(RunTrainer):
 
     def _reference_token_logps(self, batch: dict, n: int) -> torch.Tensor:
         """The reference's per-token log-probs [N, T]: ref_model, or the policy with its adapter off."""
-        if self.ref_model is not None:
-            out = sequence_logps(self.ref_model, batch, self.lm_head_chunk, tokens=True)
-        else:
-            with adapter_disabled(self.accelerator.unwrap_model(self.model)):
-                out = sequence_logps(self.model, batch, self.lm_head_chunk, tokens=True)
+        out = reference.outputs(self.model, batch, self.ref_model, self.lm_head_chunk, precomputed=False, tokens=True)
         return padded_tokens(out["token_logps"], batch["score_seq"], n)[0].float()
 
     def _record_sampling(self, stats: dict, rewards: torch.Tensor, groups: list) -> None:
@@ -265,14 +262,13 @@ class GRPOTrainer(RunTrainer):
         path = checkpoint / BUFFER_FILE.format(rank=self.accelerator.process_index)
         if self.num_iterations == 1 or not path.is_file():
             return
-        tensors = load_file(str(path))
         batches: dict[int, dict] = {}
-        for key, value in tensors.items():
-            i, name = key.split("/", 1)
-            batches.setdefault(int(i), {})[name] = value
-        self._batches = [batches[i] for i in sorted(batches)]
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt") as f:  # the tensors and the step that sampled them, one read
+            for key in f.keys():
+                i, name = key.split("/", 1)
+                batches.setdefault(int(i), {})[name] = f.get_tensor(key)
             self._batches_step = json.loads(f.metadata()["step"])
+        self._batches = [batches[i] for i in sorted(batches)]
 
 
 def disable_dropout(model) -> None:
