@@ -306,33 +306,65 @@ def test_model_that_drops_the_layout_falls_back_to_dense(tiny_dir, caplog):
 
 
 def test_path_choice(tiny_dir, tiny_model):
-    """Dense by default; segments for sdpa models when set; eager (and other implementations)
-    always dense."""
+    """Auto by default: dense below SEGMENTS_FROM tokens per row, segments from there; segments or
+    dense when set; eager (and other implementations) always dense."""
     model = load_model(tiny_dir, dtype="float32")
+    assert logprobs.attention_setting(model) == "auto"
     assert logprobs.attention_path(model) == "dense"
+    assert logprobs.attention_path(model, logprobs.SEGMENTS_FROM - 1) == "dense"
+    assert logprobs.attention_path(model, logprobs.SEGMENTS_FROM) == "segments"
     set_attention(model, "segments")
     assert logprobs.attention_path(model) == "segments"
     set_attention(model, "dense")
-    assert logprobs.attention_path(model) == "dense"
+    assert logprobs.attention_path(model, 4096) == "dense"
     set_attention(eager := load_model(tiny_dir, dtype="float32", attn_implementation="eager"), "segments")
     assert logprobs.attention_path(eager) == "dense"
     eager = load_model(tiny_dir, dtype="float32", attn_implementation="eager")
-    assert logprobs.attention_path(eager) == "dense"
-    with pytest.raises(ValueError, match="attention path must be one of segments, dense"):
+    assert logprobs.attention_setting(eager) == "dense"
+    assert logprobs.attention_path(eager, 4096) == "dense"
+    with pytest.raises(ValueError, match="attention path must be one of auto, segments, dense"):
         set_attention(model, "flash")
     with pytest.raises(ValueError, match="replaces sdpa"):
         attention.use_segments(eager)
 
 
 def test_train_attention_key(tiny_dir):
-    """train.attention: dense by default, segments on request (the model built for training gets
-    it), anything else refused naming the key."""
-    assert config.from_dict({}).train.attention == "dense"
-    cfg = config.from_dict({"train": {"attention": "segments"}})
-    assert logprobs.attention_path(build_model(cfg, tiny_dir)) == "segments"
-    assert logprobs.attention_path(build_model(config.from_dict({}), tiny_dir)) == "dense"
-    with pytest.raises(PrefoptError, match="train.attention.*must be segments or dense, found 'flash'"):
+    """train.attention: auto by default, segments or dense on request (the model built for training
+    gets it), anything else refused naming the key."""
+    assert config.from_dict({}).train.attention == "auto"
+    for setting in ("segments", "dense", "auto"):
+        cfg = config.from_dict({"train": {"attention": setting}})
+        assert logprobs.attention_setting(build_model(cfg, tiny_dir)) == setting
+    assert logprobs.attention_setting(build_model(config.from_dict({}), tiny_dir)) == "auto"
+    with pytest.raises(PrefoptError, match="train.attention.*must be auto, segments or dense, found 'flash'"):
         config.from_dict({"train": {"attention": "flash"}}, "cfg.yaml")
+
+
+def test_reference_cache_key_names_the_path_the_batches_take(tiny_dir, tmp_path):
+    """The reference cache key of "auto" is the dense path's while no example reaches
+    SEGMENTS_FROM tokens per row (auto is then the dense path), its own once one does; segments
+    has its own."""
+    from prefopt.modeling import reference
+
+    model = load_model(tiny_dir, dtype="float32")
+    rng = random.Random(3)
+    short = [{"prompt_ids": _ids(rng, 30), "chosen_ids": _ids(rng, 9), "rejected_ids": _ids(rng, 7)}]
+    n = logprobs.SEGMENTS_FROM // 2
+    long = short + [{"prompt_ids": _ids(rng, n), "chosen_ids": _ids(rng, n // 2), "rejected_ids": _ids(rng, n // 2)}]
+    collator = Collator(2)
+
+    def keys(examples):
+        out = {}
+        for setting in ("auto", "dense", "segments"):
+            set_attention(model, setting)
+            out[setting] = reference._cache_path(model, examples, collator, tmp_path, None, 1024).name
+        return out
+
+    assert collator.width(short) < logprobs.SEGMENTS_FROM <= collator.width(long)
+    k = keys(short)
+    assert k["auto"] == k["dense"] != k["segments"]
+    k = keys(long)
+    assert len(set(k.values())) == 3
 
 
 def test_layout_of_a_collated_batch_and_refusals():
@@ -371,9 +403,10 @@ class _LargestTensor(TorchDispatchMode):
 
 
 def test_no_t_squared_tensor_at_2048(tiny_dir):
-    """Forward and backward at T = 2048: segment attention allocates nothing of T² elements; the
+    """Forward and backward at T = 2048: the default path (train.attention auto, which takes segment
+    attention from SEGMENTS_FROM tokens) and segment attention allocate nothing of T² elements; the
     dense path does (its mask), so the check can fail. The lm-head chunk is 64 rows, so its logits
-    (64 × vocabulary) stay under T² too on this model."""
+    (64 × vocabulary, a size that does not grow with T) stay under T² too on this model."""
     T = 2048
     model = load_model(tiny_dir, dtype="float32").train()
     rng = random.Random(8)
@@ -383,14 +416,15 @@ def test_no_t_squared_tensor_at_2048(tiny_dir):
     ]
     batch = Collator(2)(examples)
     assert batch["input_ids"].shape[1] == T
-    set_attention(model, "segments")
+    assert logprobs.attention_setting(model) == config.from_dict({}).train.attention == "auto"
     largest = {}
-    for path in ("segments", "dense"):
-        if path == "dense":
-            set_attention(model, "dense")
+    for path in ("default", "segments", "dense"):
+        if path != "default":
+            set_attention(model, path)
         model.zero_grad()
         with _LargestTensor() as seen:
             sequence_logps(model, batch, 64)["logps"].sum().backward()
         largest[path] = (seen.largest, seen.op)
+    assert largest["default"][0] < T * T, largest
     assert largest["segments"][0] < T * T, largest
     assert largest["dense"][0] >= T * T, largest

@@ -186,9 +186,10 @@ class TrainConfig:
     prefix_sharing: bool = _key(True, "prompt computed once per pair: [prompt | chosen | rejected]")
     lm_head_chunk: int = _key(1024, "tokens per lm-head chunk; 0: unchunked")
     attention: str = _key(
-        "dense",
-        "dense: one T×T mask per row | segments: each response attends to its prompt and itself by plain "
-        "causal SDPA calls, no T×T mask (sdpa models; other attention implementations use dense)",
+        "auto",
+        "segments: each response attends to its prompt and itself by plain causal SDPA calls, no T×T "
+        "mask (sdpa models; other attention implementations use dense) | dense: one T×T mask per row | "
+        "auto: dense for short rows, segments for long ones (from prefopt.modeling.logprobs.SEGMENTS_FROM tokens)",
     )
     logging_steps: int = _key(1, "log metrics every N steps")
     save_steps: int = _key(500, "checkpoint every N steps (what --resume continues from); 0: none")
@@ -1085,8 +1086,8 @@ def _validate_train(train: TrainConfig, source: str) -> None:
         )
     if train.bf16 not in (True, False, "auto"):
         _bad(source, "train.bf16", f"must be true, false or auto, found {show(train.bf16)}.")
-    if train.attention not in ("segments", "dense"):
-        _bad(source, "train.attention", f"must be segments or dense, found {show(train.attention)}.")
+    if train.attention not in ("auto", "segments", "dense"):
+        _bad(source, "train.attention", f"must be auto, segments or dense, found {show(train.attention)}.")
     for key, (lowest, meaning) in _TRAIN_MINIMUM.items():
         if getattr(train, key) < lowest:
             _bad(source, f"train.{key}", f"must be >= {lowest}{meaning}, found {show(getattr(train, key))}.")

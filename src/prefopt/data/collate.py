@@ -127,11 +127,19 @@ class Collator:
                 for k, r in enumerate(resp):
                     yield i, [(0, ex["prompt_ids"], None), (1, r, i * K + k)]
 
+    def width(self, examples: list[dict]) -> int:
+        """The width (tokens per row) of the batch `examples` make: the longest row, rounded up to
+        pad_to_multiple_of."""
+        return self._width(list(self._rows(examples)))
+
+    def _width(self, rows: list) -> int:
+        width = max((sum(len(ids) for _, ids, _ in segs) for _, segs in rows), default=0)
+        return -(-width // self.multiple) * self.multiple
+
     def __call__(self, examples: list[dict]) -> dict:
         """Pack `examples` (token-id dicts from PairTokenizer) into one padded batch of tensors."""
         rows = list(self._rows(examples))
-        width = max(sum(len(ids) for _, ids, _ in segs) for _, segs in rows)
-        width = -(-width // self.multiple) * self.multiple
+        width = self._width(rows)
         masks = self._masks(examples)
         packed = _Packed(len(rows), width, self.pad, masks)
         for r, (doc, segs) in enumerate(rows):

@@ -6,13 +6,14 @@ i's own response. Two paths compute it, equal to float rounding (tests/test_atte
 
     segments  (sdpa models) plain causal SDPA calls over [prompt ; response k], no T×T tensor
               anywhere (modeling/attention.py)
-    dense     (the default, DEFAULT_ATTENTION) one [R, 1, T, T] mask per batch (`attention_mask`):
-              boolean for sdpa, additive float for eager and other implementations, which always
-              take this path
+    dense     one [R, 1, T, T] mask per batch (`attention_mask`): boolean for sdpa, additive float
+              for eager and other implementations, which always take this path
 
-`set_attention(model, "segments")` (train.attention) picks segment attention for a model; a model whose
-attention segments cannot compute (a sliding window the rows exceed, logit soft-capping, attention
-sinks) falls back to it on its first forward, with a warning.
+`set_attention(model, path)` (train.attention) picks the path for a model: "auto" (the default,
+DEFAULT_ATTENTION) takes the dense mask for batches narrower than SEGMENTS_FROM tokens and segment
+attention from there, "segments" and "dense" always theirs. A model whose attention segments cannot
+compute (a sliding window the rows exceed, logit soft-capping, attention sinks) falls back to the
+dense mask on its first forward, with a warning.
 
 The final hidden states of scored positions only go through the lm-head, chunk by chunk under
 activation checkpointing, so the full batch × sequence × vocabulary logits tensor is never built,
@@ -36,11 +37,14 @@ from torch.utils.checkpoint import checkpoint
 
 from prefopt.modeling import attention
 
-ATTENTION_PATHS = ("segments", "dense")  # train.attention; see the module docstring
-# The default stays the dense mask until the figures the docs quote (the demo's table, the frontier,
-# the TRL comparison), all measured with it, are measured again with segment attention: under bf16
-# autocast the two paths differ by rounding, and a trained model's figures move with it.
-DEFAULT_ATTENTION = "dense"
+ATTENTION_PATHS = ("auto", "segments", "dense")  # train.attention; see the module docstring
+DEFAULT_ATTENTION = "auto"
+# "auto" takes segment attention for batches of at least this many tokens per row, the dense mask
+# below. Measured on the 2-core CPU (docs/benchmarks.md): up to 512 tokens the dense path is as fast
+# or faster (+3 to +9 % time for segments at 512), from 1k segment attention is faster (−3 % at 1k,
+# −20 to −28 % at 2k) and the mask, which grows as T², is never built. Below the threshold "auto" is
+# the dense path bit for bit, so the figures the docs quote at 256 tokens hold for the default.
+SEGMENTS_FROM = 1024
 
 log = logging.getLogger("prefopt")
 
@@ -62,20 +66,29 @@ def adapter_disabled(model, disabled: bool = True):
 
 
 def set_attention(model, path: str) -> None:
-    """Make the engine compute `model`'s attention by `path` ("segments" or "dense"; see the module
-    docstring). "segments" applies to sdpa models; others keep the dense path."""
+    """Make the engine compute `model`'s attention by `path` ("auto", "segments" or "dense"; see the
+    module docstring). Segment attention applies to sdpa models; others keep the dense path."""
     if path not in ATTENTION_PATHS:
         raise ValueError(f"attention path must be one of {', '.join(ATTENTION_PATHS)}, found {path!r}")
     unwrap(model)._prefopt_attention = path
 
 
-def attention_path(model) -> str:
-    """The path the engine takes for `model`: "segments" when it is set and the model's attention
-    is sdpa (or already segment attention), else "dense" (the default: see DEFAULT_ATTENTION)."""
+def attention_setting(model) -> str:
+    """The path set for `model` ("auto", "segments" or "dense"), as it applies to it: "dense" for a
+    model whose attention is not sdpa (or already segment attention)."""
     causal_lm = unwrap(model)
     wanted = getattr(causal_lm, "_prefopt_attention", DEFAULT_ATTENTION)
     sdpa = causal_lm.config._attn_implementation in ("sdpa", attention.NAME)
-    return "segments" if wanted == "segments" and sdpa else "dense"
+    return wanted if sdpa else "dense"
+
+
+def attention_path(model, width: int = 0) -> str:
+    """The path the engine takes for `model` on a batch of `width` tokens per row: "segments" or
+    "dense" (attention_setting; "auto" is segments from SEGMENTS_FROM tokens)."""
+    setting = attention_setting(model)
+    if setting == "auto":
+        return "segments" if width >= SEGMENTS_FROM else "dense"
+    return setting
 
 
 def attention_mask(doc_ids: torch.Tensor, branch_ids: torch.Tensor, boolean: bool, dtype=torch.float32) -> torch.Tensor:
@@ -184,7 +197,7 @@ def _attention_inputs(causal_lm, batch: dict) -> dict:
     attention, and an all-true 2D mask, so that transformers builds no mask (with none it would
     read the restarting positions as packed sequences and build a dense one). Dense: the 4D mask."""
     doc_ids, branch_ids = batch["doc_ids"], batch["branch_ids"]
-    if attention_path(causal_lm) == "segments":
+    if attention_path(causal_lm, doc_ids.shape[1]) == "segments":
         attention.use_segments(causal_lm)
         return {
             "attention_mask": torch.ones(doc_ids.shape, dtype=torch.bool, device=doc_ids.device),

@@ -33,7 +33,13 @@ from prefopt import losses
 from prefopt.data.collate import responses_of, row_length
 from prefopt.errors import PrefoptError
 from prefopt.modeling import load
-from prefopt.modeling.logprobs import adapter_disabled, attention_path, collated_logps, sequence_logps
+from prefopt.modeling.logprobs import (
+    SEGMENTS_FROM,
+    adapter_disabled,
+    attention_setting,
+    collated_logps,
+    sequence_logps,
+)
 
 log = logging.getLogger("prefopt")
 
@@ -257,10 +263,13 @@ def _alive(pid: int) -> bool:
 def _cache_path(model, examples: list[dict], collator, cache_dir, autocast_dtype, chunk: int) -> Path:
     """CACHE_DIR/<key>.safetensors, the key covering the reference weights, the token ids, the
     layout, the precision, the token subset (with its seed for SamPO's sample) and the attention
-    path when it is segment attention (it agrees with the dense mask bit for bit in float32, but only
-    to rounding in bf16 — autocast or bf16 weights: 0.2-0.3 nats on 1,000-nat sums, measured); the
-    dense path's key is that of earlier versions."""
-    attention = "|attention=segments" if attention_path(model) == "segments" else ""
+    path unless every batch takes the dense mask (segment attention agrees with it bit for bit in
+    float32, but only to rounding in bf16 — autocast or bf16 weights: 0.2-0.3 nats on 1,000-nat
+    sums, measured); the dense path's key is that of earlier versions."""
+    setting = attention_setting(model)
+    if setting == "auto" and collator.width(examples) < SEGMENTS_FROM:
+        setting = "dense"  # no batch of these examples reaches segment attention: the dense path's key
+    attention = "" if setting == "dense" else f"|attention={setting}"
     key = data_fingerprint(
         examples,
         f"{weights_fingerprint(model)}|{collator.prefix_sharing}|{autocast_dtype}|{chunk}"
