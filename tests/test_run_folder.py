@@ -112,6 +112,21 @@ def test_state_is_finite_checks_weights_and_optimizer_moments(tiny_dir, tmp_path
     assert seen == {"clean": True, "moment": False, "weight": False}
 
 
+def test_quantized_optimizer_moments_are_checked_and_resumed(tiny_dir, tmp_path):
+    """An optimizer whose moments are quantized tensors (torchao's 8-bit AdamW, transformers'
+    `optim: adamw_torch_8bit`, the memory lever docs/benchmarks.md measures) passes the finite check
+    on their values, publishes its checkpoints and resumes from them."""
+    pytest.importorskip("torchao")
+    cfg = make_cfg(tiny_dir, tmp_path, max_steps=2, save_steps=1, args={"optim": "adamw_torch_8bit"})
+    train(cfg)
+    out = Path(cfg.train.output_dir)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert json.loads((out / "checkpoint-2" / checkpoints.RUN_FILE).read_text())["finite"] is True
+    shutil.rmtree(out / "checkpoint-2")  # as if killed after step 1's checkpoint
+    train(cfg, resume=True)  # loads checkpoint-1's quantized moments, trains step 2 again
+    assert json.loads((out / "checkpoint-2" / checkpoints.RUN_FILE).read_text())["finite"] is True
+
+
 # ---- 2 and 5. a run owns its folder ----
 
 

@@ -193,6 +193,8 @@ class RunTrainer(Trainer):
             tensors += [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         bad = torch.zeros((), device=self.args.device)
         for x in tensors:
+            if type(x) is not torch.Tensor and hasattr(x, "dequantize"):
+                x = x.dequantize()  # a quantized moment (torchao's 8-bit, 4-bit, fp8 AdamW): its values
             if x.is_floating_point():
                 bad = bad + (~torch.isfinite(x)).any().to(bad.device, bad.dtype)
         if self.accelerator.num_processes > 1:
