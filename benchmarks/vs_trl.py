@@ -329,15 +329,20 @@ def loss_check(base: dict, mode: str) -> list:
     return out
 
 
-def long_pairs(tokenizer, length: int, n: int) -> list[dict]:
-    """n synthetic pairs of `length` tokens (prompt + longer response) from real HH text: a prompt of
-    length // 2 tokens and two responses of length // 2 (chosen) and length // 2 - 16 (rejected),
-    each the HH transcripts laid end to end and cut at a token boundary."""
+def hh_ids(tokenizer) -> list[int]:
+    """The token ids of the HH transcripts laid end to end (the first 2,000 pairs): the text the
+    synthetic long pairs are cut from."""
     texts = []
     for line in open(HH):
         r = json.loads(line)
         texts += [r["prompt"] + r["chosen"], r["rejected"]]
-    ids = tokenizer("".join(texts[:4000]), add_special_tokens=False).input_ids
+    return tokenizer("".join(texts[:4000]), add_special_tokens=False).input_ids
+
+
+def long_pairs(tokenizer, ids: list[int], length: int, n: int) -> list[dict]:
+    """n synthetic pairs of `length` tokens (prompt + longer response) cut from `ids` (hh_ids): a
+    prompt of length // 2 tokens and two responses of length // 2 (chosen) and length // 2 - 16
+    (rejected), each cut at a token boundary."""
     half = length // 2
     pairs, at = [], 0
     for _ in range(n):
@@ -355,9 +360,10 @@ def length_mode(a, tokenizer, smol: str) -> None:
     lengths = [int(x) for x in a.lengths.split(",")]
     steps = 3
     results = []
+    ids = hh_ids(tokenizer)
     for length in lengths:
         data = tmp / f"pairs-{length}.jsonl"
-        pairs = long_pairs(tokenizer, length, steps)
+        pairs = long_pairs(tokenizer, ids, length, steps)
         data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         unique = sum(
             len(tokenizer(p[k], add_special_tokens=False).input_ids) + (k != "prompt") for p in pairs for k in p

@@ -19,7 +19,7 @@ from prefopt import config
 from prefopt.config import LoraConfig
 from prefopt.data.collate import Collator, responses_of
 from prefopt.errors import PrefoptError
-from prefopt.modeling import attention, logprobs
+from prefopt.modeling import attention, logprobs, reference
 from prefopt.modeling.checkpointing import checkpoint_mlps
 from prefopt.modeling.load import add_lora, load_model
 from prefopt.modeling.logprobs import sequence_logps, set_attention
@@ -344,8 +344,6 @@ def test_reference_cache_key_names_the_path_the_batches_take(tiny_dir, tmp_path)
     """The reference cache key of "auto" is the dense path's while no example reaches
     SEGMENTS_FROM tokens per row (auto is then the dense path), its own once one does; segments
     has its own."""
-    from prefopt.modeling import reference
-
     model = load_model(tiny_dir, dtype="float32")
     rng = random.Random(3)
     short = [{"prompt_ids": _ids(rng, 30), "chosen_ids": _ids(rng, 9), "rejected_ids": _ids(rng, 7)}]

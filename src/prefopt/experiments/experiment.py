@@ -203,26 +203,23 @@ class Experiment:
         rng = random.Random(cfg.seed)
         if found.heldout is not None:
             train, heldout = list(found.train), list(found.heldout)
-            for name, texts, want in (("train", train, cfg.train_prompts), ("held-out", heldout, cfg.eval_prompts)):
+            for name, key, texts, want in (
+                ("train", "train_prompts", train, cfg.train_prompts),
+                ("held-out", "eval_prompts", heldout, cfg.eval_prompts),
+            ):
                 if len(texts) < want:
-                    raise PrefoptError(
-                        f"prompts '{cfg.prompts}': {len(texts)} {name} prompts, but "
-                        f"{'train_prompts' if name == 'train' else 'eval_prompts'} = {want}."
-                    )
+                    raise PrefoptError(f"prompts '{cfg.prompts}': {len(texts)} {name} prompts, but {key} = {want}.")
             rng.shuffle(train)
             rng.shuffle(heldout)
             return train[: cfg.train_prompts], heldout[: cfg.eval_prompts]
-        texts = found.train
+        texts = list(found.train)
         need = cfg.train_prompts + cfg.eval_prompts
         if len(texts) < need:
             raise PrefoptError(
                 f"prompts '{cfg.prompts}': {len(texts)} prompts, but train_prompts + eval_prompts = {need}."
             )
-        order = list(range(len(texts)))
-        rng.shuffle(order)
-        return [texts[i] for i in order[: cfg.train_prompts]], [
-            texts[i] for i in order[len(order) - cfg.eval_prompts :]
-        ]
+        rng.shuffle(texts)
+        return texts[: cfg.train_prompts], texts[len(texts) - cfg.eval_prompts :]
 
     def fresh_policy(self):
         """The base model with a new LoRA adapter (the reference is the adapter disabled)."""
