@@ -115,7 +115,9 @@ def test_state_is_finite_checks_weights_and_optimizer_moments(tiny_dir, tmp_path
 def test_quantized_optimizer_moments_are_checked_and_resumed(tiny_dir, tmp_path):
     """An optimizer whose moments are quantized tensors (torchao's 8-bit AdamW, transformers'
     `optim: adamw_torch_8bit`, the memory lever docs/benchmarks.md measures) passes the finite check
-    on their values, publishes its checkpoints and resumes from them."""
+    on their values, publishes its checkpoints and resumes from them. Runs where torchao is installed
+    (it is not a test dependency: once installed, transformers imports it in every process that loads
+    a model, with warnings on stderr)."""
     pytest.importorskip("torchao")
     cfg = make_cfg(tiny_dir, tmp_path, max_steps=2, save_steps=1, args={"optim": "adamw_torch_8bit"})
     train(cfg)
