@@ -30,7 +30,14 @@ from prefopt.recipes.train import (
 from prefopt.tasks import prompt_sets
 from prefopt.training import checkpoints, run_folder
 from prefopt.training.grpo_trainer import GRPOTrainer
-from prefopt.training.setup import build_model, callbacks_for, seed_everything, training_arguments, use_bf16
+from prefopt.training.setup import (
+    build_model,
+    callbacks_for,
+    return_large_frees,
+    seed_everything,
+    training_arguments,
+    use_bf16,
+)
 
 log = logging.getLogger("prefopt")
 
@@ -50,6 +57,7 @@ def train_grpo(
     check_flags(resume, overwrite, force)
     cfg = _as_config(cfg)
     t0 = time.time()
+    return_large_frees()
     seed_everything(cfg.train.seed)
     reward_fn = (
         rewards.checked(reward, getattr(reward, "__name__", "reward")) if reward else rewards.get(cfg.grpo.reward)

@@ -30,6 +30,7 @@ from prefopt.training.setup import (
     check_zero3,
     make_collator,
     make_trainer,
+    return_large_frees,
     seed_everything,
     training_arguments,
     use_bf16,
@@ -68,6 +69,7 @@ def train(
         _record_adapter(cfg, model)
     progress = cfg.train.progress if progress is None else progress
     t0 = time.time()
+    return_large_frees()
     seed_everything(cfg.train.seed)
     spec = config_mod.resolve_loss(cfg.loss)
     path = load.resolve(cfg.model.name) if model is None else _name_of(model, cfg)
