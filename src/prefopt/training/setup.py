@@ -58,9 +58,9 @@ def seed_everything(seed: int) -> None:
 # the largest block freed (up to 32 MiB), so activation-sized blocks (megabytes at long rows) come
 # from the heap and stay resident once freed. Measured on SmolLM2-135M, one 4k-token pair per step
 # (docs/benchmarks.md): peak RSS 5.30 GB with glibc's defaults, of which ~1.7 GB was freed memory
-# glibc kept; with blocks from 4 MiB up mapped on their own, and so returned when freed, 3.68 GB at
-# +6 % time (from 1 MiB: 3.38 GB, +12 %; from 16 MiB: 6.16 GB); at 256 tokens, batch 4, the peak
-# and the time did not change.
+# glibc kept; with blocks from 4 MiB up mapped on their own, and so returned when freed, 3.6-3.7 GB
+# at about +20 % time (each step faults its long activations in afresh; from 1 MiB: 3.38 GB; from
+# 16 MiB: 6.16 GB); at 256 tokens, batch 4, the peak and the time did not change.
 MMAP_THRESHOLD = 4 << 20
 _M_MMAP_THRESHOLD = -3  # <malloc.h>
 
