@@ -1,6 +1,7 @@
 """Training returns the memory of large freed blocks to the OS (setup.return_large_frees): glibc
 maps blocks of MMAP_THRESHOLD bytes or more on their own instead of serving them from its heap."""
 
+import os
 import platform
 import subprocess
 import sys
@@ -39,7 +40,9 @@ print(before, during, libc.mallinfo2().hblkhd)
 """
 
 
-def mapped_bytes(mode: str, env=None) -> tuple[int, int, int]:
+def mapped_bytes(mode: str) -> tuple[int, int, int]:
+    """PROBE's three readings in a fresh process, glibc configured only by its defaults."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
     out = subprocess.run(
         [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env
     ).stdout.split()
